@@ -1,0 +1,373 @@
+//! The decision procedure: match, resolve, walk the rules in order building a plan, let
+//! the ledger apply the plan atomically, then read the verdicts in rule order.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use crate::decision::{Alert, Code, Decision, Remaining, TraceEntry};
+use crate::expr::{self, Expr};
+use crate::ledger::{Apply, CounterKey, Ledger, LedgerError, NewLease, Op, OpKind, OpResult, Plan};
+use crate::money::Micros;
+use crate::policy::PolicySet;
+use crate::request::{Dimension, Request};
+use crate::rules::{Mode, Rule, Step, Verdict};
+use crate::settings::EffectiveSetting;
+
+/// What a rule sees while it is evaluated.
+pub(crate) struct EvalCtx<'r> {
+    pub request: &'r Request,
+    pub set: &'r PolicySet,
+    pub now: i64,
+    pub acquire: bool,
+    ledger: &'r dyn Ledger,
+    rule: Option<&'r Rule>,
+    model: Option<Cow<'r, str>>,
+    cel: Option<cel::Context<'static, 'static>>,
+    cel_model_stale: bool,
+    notes: Vec<String>,
+}
+
+impl<'r> EvalCtx<'r> {
+    /// The current model (after the downgrades so far).
+    pub(crate) fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
+    pub(crate) fn set_model(&mut self, model: &'r str) {
+        self.model = Some(Cow::Borrowed(model));
+        self.cel_model_stale = true;
+    }
+
+    /// The estimate: `cost_usd` when given, else tokens priced for the current model.
+    pub(crate) fn estimate(&mut self) -> Micros {
+        let e = &self.request.estimate;
+        if let Some(c) = e.cost_usd {
+            return c;
+        }
+        if e.input_tokens.is_none() && e.output_tokens.is_none() {
+            return Micros::ZERO;
+        }
+        let model = self.model.as_deref().unwrap_or_default();
+        match self.set.pricing.get(model) {
+            Some(price) => price.cost(e.input_tokens.unwrap_or(0), e.output_tokens.unwrap_or(0)),
+            None => {
+                self.notes.push(format!(
+                    "model `{model}` has no pricing: the token-based estimate is 0"
+                ));
+                Micros::ZERO
+            }
+        }
+    }
+
+    /// The counter key of the current rule for these dimensions, or why the rule is skipped.
+    pub(crate) fn key(&self, by: &'r [Dimension]) -> Result<CounterKey<'r>, String> {
+        let rule = self.rule.expect("a rule is being evaluated");
+        let mut values = Vec::with_capacity(by.len());
+        for d in by {
+            let v = match d {
+                // The key of a by-model counter is the current model.
+                Dimension::Model => match &self.model {
+                    Some(Cow::Borrowed(m)) => Some(*m),
+                    Some(Cow::Owned(_)) | None => self.request.model.as_deref(),
+                },
+                other => other.value(self.request, None),
+            };
+            match v {
+                Some(v) => values.push(v),
+                None => return Err(format!("the request has no `{d}`")),
+            }
+        }
+        Ok(CounterKey::new(&rule.policy, &rule.id, by, values))
+    }
+
+    pub(crate) fn spend_used(&self, key: &CounterKey<'_>, window_start: i64) -> Result<Micros, LedgerError> {
+        self.ledger.spend_used(key, window_start, self.now)
+    }
+
+    /// Evaluates an expression, building the context on first use.
+    pub(crate) fn eval(&mut self, e: &Expr) -> Result<bool, String> {
+        if self.cel.is_none() {
+            self.cel = Some(expr::context(self.request, self.model.as_deref()));
+            self.cel_model_stale = false;
+        }
+        let ctx = self.cel.as_mut().expect("built above");
+        if self.cel_model_stale {
+            expr::set_model(ctx, self.model.as_deref());
+            self.cel_model_stale = false;
+        }
+        e.eval_bool(ctx)
+    }
+}
+
+/// Options of one check.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct CheckOptions {
+    pub acquire: bool,
+    pub explain: bool,
+    pub lease_expires_at: Option<i64>,
+}
+
+struct Entry<'r> {
+    rule: &'r Rule,
+    verdict: Option<Verdict<'r>>,
+    op: Option<usize>,
+}
+
+/// Everything a decision needs besides the policy set.
+pub(crate) struct Inputs<'r> {
+    pub ledger: &'r dyn Ledger,
+    pub now: i64,
+    pub decision_id: u128,
+    pub lease_id: u128,
+    /// Budget rules of the request's run and its ancestors (after all policy rules).
+    pub run_rules: Vec<&'r Rule>,
+    /// The decision's `settings` (resolved by the caller, who holds the overrides).
+    pub settings: BTreeMap<String, EffectiveSetting>,
+}
+
+pub(crate) fn decide(set: &PolicySet, request: &Request, inputs: Inputs<'_>, options: CheckOptions) -> Decision {
+    let explain = options.explain;
+    let mut trace: Vec<TraceEntry> = Vec::new();
+    let mut note = |policy: Option<&str>, rule: Option<&str>, outcome: &str, detail: String| {
+        if explain {
+            trace.push(TraceEntry {
+                policy: policy.map(str::to_string),
+                rule: rule.map(str::to_string),
+                outcome: outcome.to_string(),
+                detail,
+            });
+        }
+    };
+
+    let matched = set.matcher.matched(request);
+    if explain {
+        for (i, p) in set.policies.iter().enumerate() {
+            let hit = matched.contains(&(i as u32));
+            note(
+                Some(&p.name),
+                None,
+                if hit { "matched" } else { "not_matched" },
+                if hit { "its match holds".into() } else { "its match does not hold".into() },
+            );
+        }
+    }
+    let order = set.evaluation_order(&matched);
+    let mut guardrails: Vec<String> = Vec::new();
+    for &m in &matched {
+        for g in &set.policies[m as usize].guardrails {
+            if !guardrails.contains(g) {
+                guardrails.push(g.clone());
+            }
+        }
+    }
+    guardrails.sort();
+
+    let mut ctx = EvalCtx {
+        request,
+        set,
+        now: inputs.now,
+        acquire: options.acquire,
+        ledger: inputs.ledger,
+        rule: None,
+        model: request.model.as_deref().map(Cow::Borrowed),
+        cel: None,
+        cel_model_stale: false,
+        notes: Vec::new(),
+    };
+
+    let mut entries: Vec<Entry<'_>> = Vec::new();
+    let mut ops: Vec<Op<'_>> = Vec::new();
+    let mut stateless_denial = false;
+    let rules = order
+        .iter()
+        .flat_map(|&p| set.policies[p as usize].rules.iter())
+        .chain(inputs.run_rules.iter().copied());
+    for rule in rules {
+        ctx.rule = Some(rule);
+        if let Some(when) = &rule.when {
+            match ctx.eval(when) {
+                Ok(true) => {}
+                Ok(false) => {
+                    note(Some(&rule.policy), Some(&rule.id), "skip", format!("`when` is false: {}", when.source));
+                    continue;
+                }
+                Err(e) => {
+                    note(Some(&rule.policy), Some(&rule.id), "error", format!("`when` failed, counted as false: {e}"));
+                    continue;
+                }
+            }
+        }
+        match rule.step(&mut ctx) {
+            Step::Verdict(v) => {
+                if let Verdict::Downgrade { to, .. } = &v
+                    && rule.mode == Mode::Enforce
+                {
+                    ctx.set_model(to);
+                }
+                let denies = matches!(v, Verdict::Deny { .. }) && rule.mode == Mode::Enforce;
+                entries.push(Entry { rule, verdict: Some(v), op: None });
+                if denies {
+                    // Later rules cannot change the outcome: stop here.
+                    stateless_denial = true;
+                    break;
+                }
+            }
+            Step::Op(mut op) => {
+                op.enforcing &= rule.mode == Mode::Enforce;
+                entries.push(Entry { rule, verdict: None, op: Some(ops.len()) });
+                ops.push(op);
+            }
+        }
+    }
+    let final_walk_model = ctx.model.clone().map(Cow::into_owned);
+    for n in ctx.notes.drain(..) {
+        note(None, None, "note", n);
+    }
+
+    let plan = Plan {
+        decision: inputs.decision_id,
+        now: inputs.now,
+        reservation_ttl_ms: set.reservation_ttl.0,
+        ops,
+        lease: (options.acquire && !stateless_denial).then(|| NewLease {
+            id: inputs.lease_id,
+            resource: request.resource.as_deref().unwrap_or_default(),
+            subject: &request.subject,
+            expires_at: options.lease_expires_at,
+        }),
+    };
+    let mode = if stateless_denial { Apply::DryRun } else { Apply::Commit };
+    let results: Vec<OpResult> = if plan.ops.is_empty() && plan.lease.is_none() {
+        Vec::new()
+    } else {
+        match inputs.ledger.apply(&plan, mode) {
+            Ok(r) => r,
+            Err(e) => {
+                return Decision {
+                    allowed: false,
+                    code: Code::PolicyDenied,
+                    reason: Some(format!("{e}: denied (on_backend_error: deny)")),
+                    policy: None,
+                    rule: None,
+                    policy_version: set.version,
+                    matched_policies: names(set, &matched),
+                    model: request.model.clone(),
+                    guardrails,
+                    settings: inputs.settings,
+                    alerts: Vec::new(),
+                    retry_after_ms: None,
+                    decision_id: uuid::Uuid::from_u128(inputs.decision_id).to_string(),
+                    remaining: BTreeMap::new(),
+                    trace,
+                    lease_id: None,
+                };
+            }
+        }
+    };
+
+    let mut decision = Decision {
+        allowed: true,
+        code: Code::Allowed,
+        reason: None,
+        policy: None,
+        rule: None,
+        policy_version: set.version,
+        matched_policies: names(set, &matched),
+        model: final_walk_model,
+        guardrails,
+        settings: inputs.settings,
+        alerts: Vec::new(),
+        retry_after_ms: None,
+        decision_id: uuid::Uuid::from_u128(inputs.decision_id).to_string(),
+        remaining: BTreeMap::new(),
+        trace: Vec::new(),
+        lease_id: None,
+    };
+    let last_walk_downgrade = entries
+        .iter()
+        .rposition(|e| matches!(e.verdict, Some(Verdict::Downgrade { .. })) && e.rule.mode == Mode::Enforce);
+    for (i, entry) in entries.iter_mut().enumerate() {
+        let rule = entry.rule;
+        if let Some(oi) = entry.op {
+            let (op, result) = (&plan.ops[oi], &results[oi]);
+            entry.verdict = Some(rule.judge(op, result));
+            let remaining = match op.kind {
+                OpKind::Rate { .. } | OpKind::Lease { .. } => Some(Remaining::Count(result.remaining)),
+                OpKind::Spend { .. } => Some(Remaining::Usd(Micros(result.remaining).to_string())),
+                OpKind::Forecast { .. } => None,
+            };
+            if let Some(r) = remaining {
+                decision.remaining.entry(rule.id.clone()).or_insert(r);
+            }
+            if !result.granted && decision.allowed && op.enforcing {
+                decision.retry_after_ms = result.retry_after_ms;
+            }
+        }
+        let verdict = entry.verdict.as_ref().expect("every entry has a verdict by now");
+        let (policy, id) = (Some(rule.policy.as_str()), Some(rule.id.as_str()));
+        match (verdict, rule.mode) {
+            (Verdict::Pass(detail), _) => note(policy, id, "pass", detail.clone()),
+            (Verdict::Skip(detail), _) => note(policy, id, "skip", detail.clone()),
+            (Verdict::Error(detail), _) => note(policy, id, "error", detail.clone()),
+            (Verdict::Deny { code, reason }, Mode::Enforce) => {
+                note(policy, id, "deny", reason.clone());
+                if decision.allowed {
+                    decision.allowed = false;
+                    decision.code = *code;
+                    decision.reason = Some(reason.clone());
+                    decision.policy = Some(rule.policy.clone());
+                    decision.rule = Some(rule.id.clone());
+                }
+            }
+            (Verdict::Deny { reason, .. } | Verdict::Alert { reason }, Mode::Alert) => {
+                note(policy, id, "alert", reason.clone());
+                decision.alerts.push(alert(rule, reason));
+            }
+            (Verdict::Alert { reason }, Mode::Enforce) => {
+                note(policy, id, "alert", reason.clone());
+                decision.alerts.push(alert(rule, reason));
+            }
+            (Verdict::Deny { reason, .. }, Mode::Shadow) => note(policy, id, "shadow_deny", reason.clone()),
+            (Verdict::Alert { reason }, Mode::Shadow) => note(policy, id, "shadow_alert", reason.clone()),
+            (Verdict::Downgrade { to, reason }, Mode::Enforce) => {
+                note(policy, id, "downgrade", reason.clone());
+                if entry.op.is_some() {
+                    // A budget's downgrade also reports the exceeded budget.
+                    decision.alerts.push(alert(rule, reason));
+                    if last_walk_downgrade.is_none_or(|last| i > last) {
+                        decision.model = Some((*to).to_string());
+                    }
+                }
+            }
+            (Verdict::Downgrade { reason, .. }, Mode::Alert) => {
+                note(policy, id, "alert", reason.clone());
+                decision.alerts.push(alert(rule, reason));
+            }
+            (Verdict::Downgrade { reason, .. }, Mode::Shadow) => note(policy, id, "shadow_downgrade", reason.clone()),
+        }
+    }
+    if !decision.allowed {
+        decision.retry_after_ms = decision.retry_after_ms.filter(|_| {
+            matches!(decision.code, Code::RateLimited)
+        });
+    } else {
+        decision.retry_after_ms = None;
+        if plan.lease.is_some() {
+            decision.lease_id = Some(uuid::Uuid::from_u128(inputs.lease_id).to_string());
+        }
+    }
+    decision.trace = trace;
+    decision
+}
+
+fn alert(rule: &Rule, reason: &str) -> Alert {
+    Alert {
+        policy: rule.policy.clone(),
+        rule: rule.id.clone(),
+        reason: reason.to_string(),
+    }
+}
+
+fn names(set: &PolicySet, matched: &[u32]) -> Vec<String> {
+    matched.iter().map(|&m| set.policies[m as usize].name.clone()).collect()
+}

@@ -1,0 +1,585 @@
+//! The in-memory ledger: the default for the library and the CLI.
+//!
+//! Counters live in 64 shards, each behind its own lock, keyed by the 128-bit counter id.
+//! A plan locks the shards its operations touch in index order (so two plans never
+//! deadlock), answers every operation, and commits all or nothing before unlocking:
+//! unrelated keys do not contend, and a limit holds exactly under any number of threads.
+//! Counters whose state has returned to "fresh" (a full bucket, an ended window, spend
+//! outside any window) are swept, so memory follows the active keys only.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
+use rustc_hash::FxHashMap;
+
+use super::{
+    Algorithm, Apply, CounterKey, Ledger, LedgerError, Op, OpKind, OpResult, Plan, RecordOutcome,
+    SpendUsage,
+};
+use crate::money::Micros;
+use crate::request::{Dimension, Subject};
+
+const SHARDS: usize = 64;
+const SWEEP_EVERY: u32 = 4096;
+const DAY_MS: i128 = 86_400_000;
+
+/// What a counter is, kept once per counter for the usage summary and lease matching.
+#[derive(Debug)]
+struct Label {
+    policy: String,
+    rule: String,
+    by: Vec<Dimension>,
+    values: Vec<String>,
+}
+
+impl Label {
+    fn of(key: &CounterKey<'_>) -> Arc<Label> {
+        Arc::new(Label {
+            policy: key.policy.to_string(),
+            rule: key.rule.to_string(),
+            by: key.by.to_vec(),
+            values: key.values.iter().map(|v| v.to_string()).collect(),
+        })
+    }
+
+    fn text(&self) -> String {
+        if self.by.is_empty() {
+            return "*".into();
+        }
+        self.by
+            .iter()
+            .zip(&self.values)
+            .map(|(d, v)| format!("{d}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn has(&self, dimension: &str, value: &str) -> bool {
+        self.by
+            .iter()
+            .zip(&self.values)
+            .any(|(d, v)| d.to_string() == dimension && v == value)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Spend {
+    /// Recorded spend by check time, sorted.
+    events: VecDeque<(i64, i64)>,
+    events_sum: i64,
+    /// Spend that fell out of every window but still counts for `total`.
+    folded: i64,
+    reservations: Vec<Reservation>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Reservation {
+    decision: u128,
+    at: i64,
+    amount: i64,
+    expires: i64,
+}
+
+impl Spend {
+    fn recorded_since(&mut self, window_start: i64) -> i64 {
+        if window_start == i64::MIN {
+            return self.folded + self.events_sum;
+        }
+        while let Some(&(t, amount)) = self.events.front() {
+            if t >= window_start {
+                break;
+            }
+            self.events.pop_front();
+            self.events_sum -= amount;
+            self.folded += amount;
+        }
+        self.events_sum
+    }
+
+    fn reserved_since(&mut self, window_start: i64, now: i64) -> i64 {
+        self.reservations.retain(|r| r.expires > now);
+        self.reservations
+            .iter()
+            .filter(|r| r.at >= window_start)
+            .map(|r| r.amount)
+            .sum()
+    }
+
+    fn add_event(&mut self, at: i64, amount: i64) {
+        let i = self.events.partition_point(|&(t, _)| t <= at);
+        if i > 0 && self.events[i - 1].0 == at {
+            self.events[i - 1].1 += amount;
+        } else {
+            self.events.insert(i, (at, amount));
+        }
+        self.events_sum += amount;
+    }
+
+    /// When enough spend leaves the trailing window for `amount` to fit under `limit`.
+    fn retry_after(&self, window_start: i64, window_ms: i64, now: i64, used: i64, amount: i64, limit: i64) -> Option<u64> {
+        let mut items: Vec<(i64, i64)> = self
+            .events
+            .iter()
+            .copied()
+            .chain(self.reservations.iter().map(|r| (r.at, r.amount)))
+            .filter(|&(t, _)| t >= window_start)
+            .collect();
+        items.sort_unstable();
+        let mut left = used;
+        for (t, a) in items {
+            left -= a;
+            if left < limit && left + amount <= limit {
+                return Some((t + window_ms + 1 - now).max(1) as u64);
+            }
+        }
+        None
+    }
+}
+
+#[derive(Debug)]
+enum State {
+    Bucket { units: i128, last: i64 },
+    Fixed { window: i64, count: u64 },
+    Sliding(VecDeque<i64>),
+    Spend(Spend),
+    Leases(Vec<(u128, Option<i64>)>),
+}
+
+#[derive(Debug)]
+struct Counter {
+    label: Arc<Label>,
+    state: State,
+    /// When the state becomes equivalent to a fresh one and may be swept.
+    idle_at: i64,
+}
+
+#[derive(Default)]
+struct Shard {
+    counters: FxHashMap<u128, Counter>,
+    ops: u32,
+}
+
+impl Shard {
+    fn maybe_sweep(&mut self, now: i64) {
+        self.ops += 1;
+        if self.ops >= SWEEP_EVERY {
+            self.ops = 0;
+            self.counters.retain(|_, c| c.idle_at > now);
+        }
+    }
+}
+
+struct DecisionRecord {
+    at: i64,
+    sinks: Vec<(u128, Arc<Label>)>,
+    recorded: bool,
+    retain_until: i64,
+}
+
+struct Lease {
+    resource: String,
+    subject: Subject,
+    expires_at: Option<i64>,
+    keys: Vec<u128>,
+}
+
+#[derive(Default)]
+struct Decisions {
+    map: FxHashMap<u128, DecisionRecord>,
+    inserts: u32,
+}
+
+/// The in-memory [`Ledger`].
+pub struct MemoryLedger {
+    shards: Box<[Mutex<Shard>]>,
+    decisions: Box<[Mutex<Decisions>]>,
+    leases: Mutex<HashMap<u128, Lease>>,
+}
+
+impl Default for MemoryLedger {
+    fn default() -> Self {
+        MemoryLedger::new()
+    }
+}
+
+impl std::fmt::Debug for MemoryLedger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MemoryLedger")
+    }
+}
+
+fn shard_of(id: u128) -> usize {
+    (id as usize) % SHARDS
+}
+
+/// What committing one operation changes.
+enum Effect {
+    None,
+    Bucket { units: i128, last: i64, idle_at: i64 },
+    Fixed { window: i64, count: u64, idle_at: i64 },
+    SlidingPush { idle_at: i64 },
+    Reserve { amount: i64, window_ms: Option<i64> },
+    Sink { window_ms: i64 },
+    Lease,
+}
+
+impl MemoryLedger {
+    /// An empty ledger.
+    pub fn new() -> MemoryLedger {
+        MemoryLedger {
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            decisions: (0..SHARDS).map(|_| Mutex::new(Decisions::default())).collect(),
+            leases: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock_shards(&self, ids: impl Iterator<Item = u128>) -> Vec<(usize, MutexGuard<'_, Shard>)> {
+        let mut idx: Vec<usize> = ids.map(shard_of).collect();
+        idx.sort_unstable();
+        idx.dedup();
+        idx.into_iter().map(|i| (i, self.shards[i].lock())).collect()
+    }
+}
+
+fn guard<'g, 'a>(guards: &'g mut [(usize, MutexGuard<'a, Shard>)], id: u128) -> &'g mut Shard {
+    let i = shard_of(id);
+    let pos = guards.iter().position(|(s, _)| *s == i).expect("shard locked");
+    &mut guards[pos].1
+}
+
+fn fresh_state(kind: &OpKind) -> State {
+    match kind {
+        OpKind::Rate { algorithm: Algorithm::TokenBucket, burst, per_ms, .. } => State::Bucket {
+            units: i128::from(*burst) * i128::from(*per_ms),
+            last: i64::MIN,
+        },
+        OpKind::Rate { algorithm: Algorithm::FixedWindow, .. } => State::Fixed { window: i64::MIN, count: 0 },
+        OpKind::Rate { algorithm: Algorithm::SlidingWindow, .. } => State::Sliding(VecDeque::new()),
+        OpKind::Spend { .. } | OpKind::Forecast { .. } => State::Spend(Spend::default()),
+        OpKind::Lease { .. } => State::Leases(Vec::new()),
+    }
+}
+
+fn state_fits(state: &State, kind: &OpKind) -> bool {
+    matches!(
+        (state, kind),
+        (State::Bucket { .. }, OpKind::Rate { algorithm: Algorithm::TokenBucket, .. })
+            | (State::Fixed { .. }, OpKind::Rate { algorithm: Algorithm::FixedWindow, .. })
+            | (State::Sliding(_), OpKind::Rate { algorithm: Algorithm::SlidingWindow, .. })
+            | (State::Spend(_), OpKind::Spend { .. } | OpKind::Forecast { .. })
+            | (State::Leases(_), OpKind::Lease { .. })
+    )
+}
+
+/// Live leases that a new lease counter must start from (its key was never seen, or swept).
+fn seed_leases(leases: &HashMap<u128, Lease>, key: &CounterKey<'_>, resource: &str, now: i64) -> Vec<(u128, Option<i64>)> {
+    leases
+        .iter()
+        .filter(|(_, l)| l.resource == resource && l.expires_at.is_none_or(|e| e > now))
+        .filter(|(_, l)| {
+            key.by.iter().zip(&key.values).all(|(d, v)| match d {
+                Dimension::Subject(s) => l.subject.get(*s) == Some(*v),
+                Dimension::Resource => l.resource == *v,
+                _ => false,
+            })
+        })
+        .map(|(id, l)| (*id, l.expires_at))
+        .collect()
+}
+
+fn evaluate(counter: &mut Counter, op: &Op<'_>, now: i64) -> (OpResult, Effect) {
+    match (&mut counter.state, &op.kind) {
+        (State::Bucket { units, last }, OpKind::Rate { limit, per_ms, burst, .. }) => {
+            let capacity = i128::from(*burst) * i128::from(*per_ms);
+            let cost = i128::from(*per_ms);
+            let rate = i128::from(*limit);
+            let elapsed = if *last == i64::MIN { 0 } else { i128::from((now - *last).max(0)) };
+            let current = (*units + elapsed * rate).min(capacity);
+            let used = ((capacity - current) / cost) as i64;
+            if current >= cost {
+                let after = current - cost;
+                let idle_at = now + ((capacity - after + rate - 1) / rate) as i64;
+                (
+                    OpResult { granted: true, used, remaining: (after / cost) as i64, retry_after_ms: None },
+                    Effect::Bucket { units: after, last: now, idle_at },
+                )
+            } else {
+                let wait = ((cost - current + rate - 1) / rate) as u64;
+                (
+                    OpResult { granted: false, used, remaining: 0, retry_after_ms: Some(wait.max(1)) },
+                    Effect::None,
+                )
+            }
+        }
+        (State::Fixed { window, count }, OpKind::Rate { limit, per_ms, .. }) => {
+            let current = now.div_euclid(*per_ms);
+            let taken = if *window == current { *count } else { 0 };
+            let end = (current + 1) * per_ms;
+            if taken < *limit {
+                (
+                    OpResult { granted: true, used: taken as i64, remaining: (*limit - taken - 1) as i64, retry_after_ms: None },
+                    Effect::Fixed { window: current, count: taken + 1, idle_at: end },
+                )
+            } else {
+                (
+                    OpResult { granted: false, used: taken as i64, remaining: 0, retry_after_ms: Some(((end - now) as u64).max(1)) },
+                    Effect::None,
+                )
+            }
+        }
+        (State::Sliding(stamps), OpKind::Rate { limit, per_ms, .. }) => {
+            while stamps.front().is_some_and(|&t| t < now - per_ms) {
+                stamps.pop_front();
+            }
+            let taken = stamps.len() as u64;
+            if taken < *limit {
+                (
+                    OpResult { granted: true, used: taken as i64, remaining: (*limit - taken - 1) as i64, retry_after_ms: None },
+                    Effect::SlidingPush { idle_at: now + per_ms + 1 },
+                )
+            } else {
+                let oldest = stamps.front().copied().unwrap_or(now);
+                (
+                    OpResult { granted: false, used: taken as i64, remaining: 0, retry_after_ms: Some(((oldest + per_ms - now + 1) as u64).max(1)) },
+                    Effect::None,
+                )
+            }
+        }
+        (State::Spend(spend), OpKind::Spend { window_start, window_ms, limit, amount }) => {
+            let used = spend.recorded_since(*window_start) + spend.reserved_since(*window_start, now);
+            let refused = crate::rules::budget::exceeds(Micros(used), *amount, *limit);
+            let remaining = (limit.0 - used - if refused { 0 } else { amount.0 }).max(0);
+            let retry_after_ms = match window_ms {
+                Some(w) if refused && *window_start != i64::MIN => {
+                    spend.retry_after(*window_start, *w, now, used, amount.0, limit.0)
+                }
+                _ => None,
+            };
+            (
+                OpResult { granted: !refused, used, remaining, retry_after_ms },
+                Effect::Reserve { amount: amount.0, window_ms: *window_ms },
+            )
+        }
+        (State::Spend(spend), OpKind::Forecast { lookback_ms, monthly_budget }) => {
+            let spent = i128::from(spend.recorded_since(now - lookback_ms));
+            let lookback = i128::from(*lookback_ms);
+            // projected = spent / (lookback in days) * 30, compared without rounding.
+            let granted = spent * 30 * DAY_MS < i128::from(monthly_budget.0) * lookback;
+            let projected = (spent * 30 * DAY_MS / lookback) as i64;
+            (
+                OpResult { granted, used: projected, remaining: (monthly_budget.0 - projected).max(0), retry_after_ms: None },
+                Effect::Sink { window_ms: *lookback_ms },
+            )
+        }
+        (State::Leases(live), OpKind::Lease { max, .. }) => {
+            live.retain(|(_, e)| e.is_none_or(|e| e > now));
+            let n = live.len() as u64;
+            let granted = n < *max;
+            (
+                OpResult { granted, used: n as i64, remaining: max.saturating_sub(n + u64::from(granted)) as i64, retry_after_ms: None },
+                Effect::Lease,
+            )
+        }
+        _ => unreachable!("state_fits checked the state"),
+    }
+}
+
+impl Ledger for MemoryLedger {
+    fn apply(&self, plan: &Plan<'_>, mode: Apply) -> Result<Vec<OpResult>, LedgerError> {
+        let now = plan.now;
+        let needs_leases = plan.lease.is_some() || plan.ops.iter().any(|o| matches!(o.kind, OpKind::Lease { .. }));
+        let mut lease_table = needs_leases.then(|| self.leases.lock());
+        let mut guards = self.lock_shards(plan.ops.iter().map(|o| o.key.id));
+
+        let mut results = Vec::with_capacity(plan.ops.len());
+        let mut effects = Vec::with_capacity(plan.ops.len());
+        for op in &plan.ops {
+            let shard = guard(&mut guards, op.key.id);
+            let counter = shard.counters.entry(op.key.id).or_insert_with(|| Counter {
+                label: Label::of(&op.key),
+                state: match (&op.kind, &lease_table) {
+                    (OpKind::Lease { resource, .. }, Some(table)) => State::Leases(seed_leases(table, &op.key, resource, now)),
+                    _ => fresh_state(&op.kind),
+                },
+                idle_at: now,
+            });
+            if !state_fits(&counter.state, &op.kind) {
+                // The rule changed type or algorithm under the same id: start afresh.
+                counter.state = fresh_state(&op.kind);
+            }
+            let (result, effect) = evaluate(counter, op, now);
+            results.push(result);
+            effects.push(effect);
+        }
+        let blocked = plan.ops.iter().zip(&results).any(|(op, r)| op.enforcing && !r.granted);
+        if mode == Apply::DryRun || blocked {
+            return Ok(results);
+        }
+
+        let mut sinks = Vec::new();
+        let mut lease_keys = Vec::new();
+        for ((op, result), effect) in plan.ops.iter().zip(&results).zip(effects) {
+            let shard = guard(&mut guards, op.key.id);
+            let counter = shard.counters.get_mut(&op.key.id).expect("inserted above");
+            match (effect, &mut counter.state) {
+                (Effect::Bucket { units: u, last: l, idle_at }, State::Bucket { units, last }) => {
+                    *units = u;
+                    *last = l;
+                    counter.idle_at = idle_at;
+                }
+                (Effect::Fixed { window: w, count: c, idle_at }, State::Fixed { window, count }) => {
+                    *window = w;
+                    *count = c;
+                    counter.idle_at = idle_at;
+                }
+                (Effect::SlidingPush { idle_at }, State::Sliding(stamps)) => {
+                    stamps.push_back(now);
+                    counter.idle_at = idle_at;
+                }
+                (Effect::Reserve { amount, window_ms }, State::Spend(spend)) => {
+                    let expires = now + plan.reservation_ttl_ms;
+                    if amount > 0 {
+                        spend.reservations.push(Reservation { decision: plan.decision, at: now, amount, expires });
+                    }
+                    let horizon = window_ms.map_or(i64::MAX, |w| now.saturating_add(w).saturating_add(1));
+                    counter.idle_at = counter.idle_at.max(horizon).max(expires);
+                    sinks.push((op.key.id, Arc::clone(&counter.label)));
+                }
+                (Effect::Sink { window_ms }, State::Spend(_)) => {
+                    counter.idle_at = counter.idle_at.max(now + window_ms + 1);
+                    sinks.push((op.key.id, Arc::clone(&counter.label)));
+                }
+                (Effect::Lease, State::Leases(live)) => {
+                    if let Some(lease) = &plan.lease
+                        && result.granted | !op.enforcing
+                    {
+                        live.push((lease.id, lease.expires_at));
+                        lease_keys.push(op.key.id);
+                    }
+                    counter.idle_at = i64::MAX;
+                }
+                _ => {}
+            }
+            shard.maybe_sweep(now);
+        }
+        if let (Some(lease), Some(table)) = (&plan.lease, lease_table.as_mut()) {
+            table.insert(
+                lease.id,
+                Lease {
+                    resource: lease.resource.to_string(),
+                    subject: lease.subject.clone(),
+                    expires_at: lease.expires_at,
+                    keys: lease_keys,
+                },
+            );
+        }
+        drop(guards);
+        drop(lease_table);
+        if !sinks.is_empty() {
+            let mut d = self.decisions[shard_of(plan.decision)].lock();
+            d.inserts += 1;
+            if d.inserts >= SWEEP_EVERY {
+                d.inserts = 0;
+                d.map.retain(|_, r| r.retain_until > now);
+            }
+            d.map.insert(
+                plan.decision,
+                DecisionRecord {
+                    at: now,
+                    sinks,
+                    recorded: false,
+                    // A late `record` (after the reservation lapsed) still counts for as long again.
+                    retain_until: now + 2 * plan.reservation_ttl_ms.max(60_000),
+                },
+            );
+        }
+        Ok(results)
+    }
+
+    fn spend_used(&self, key: &CounterKey<'_>, window_start: i64, now: i64) -> Result<Micros, LedgerError> {
+        let mut shard = self.shards[shard_of(key.id)].lock();
+        Ok(match shard.counters.get_mut(&key.id) {
+            Some(Counter { state: State::Spend(spend), .. }) => {
+                Micros(spend.recorded_since(window_start) + spend.reserved_since(window_start, now))
+            }
+            _ => Micros::ZERO,
+        })
+    }
+
+    fn record(&self, decision: u128, cost: Micros, now: i64) -> Result<RecordOutcome, LedgerError> {
+        let mut decisions = self.decisions[shard_of(decision)].lock();
+        let Some(record) = decisions.map.get_mut(&decision).filter(|r| r.retain_until > now) else {
+            return Ok(RecordOutcome::UnknownDecision);
+        };
+        if record.recorded {
+            return Ok(RecordOutcome::Duplicate);
+        }
+        record.recorded = true;
+        let at = record.at;
+        let mut guards = self.lock_shards(record.sinks.iter().map(|(id, _)| *id));
+        for (id, label) in &record.sinks {
+            let shard = guard(&mut guards, *id);
+            let counter = shard.counters.entry(*id).or_insert_with(|| Counter {
+                label: Arc::clone(label),
+                state: State::Spend(Spend::default()),
+                idle_at: now,
+            });
+            if let State::Spend(spend) = &mut counter.state {
+                spend.reservations.retain(|r| r.decision != decision);
+                if cost.0 != 0 {
+                    spend.add_event(at, cost.0);
+                }
+            }
+        }
+        Ok(RecordOutcome::Recorded)
+    }
+
+    fn release(&self, lease: u128, now: i64) -> Result<bool, LedgerError> {
+        let mut table = self.leases.lock();
+        let Some(l) = table.remove(&lease) else {
+            return Ok(false);
+        };
+        let mut guards = self.lock_shards(l.keys.iter().copied());
+        for id in &l.keys {
+            let shard = guard(&mut guards, *id);
+            if let Some(Counter { state: State::Leases(live), idle_at, .. }) = shard.counters.get_mut(id) {
+                live.retain(|(lid, _)| *lid != lease);
+                if live.is_empty() {
+                    *idle_at = now;
+                }
+            }
+        }
+        Ok(l.expires_at.is_none_or(|e| e > now))
+    }
+
+    fn spend_usage(
+        &self,
+        filter: Option<(&str, &str)>,
+        now: i64,
+        window_of: &dyn Fn(&str, &str) -> Option<i64>,
+    ) -> Result<Vec<SpendUsage>, LedgerError> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            for counter in shard.counters.values_mut() {
+                let State::Spend(spend) = &mut counter.state else { continue };
+                let label = &counter.label;
+                if filter.is_some_and(|(d, v)| !label.has(d, v)) {
+                    continue;
+                }
+                let Some(window_start) = window_of(&label.policy, &label.rule) else { continue };
+                out.push(SpendUsage {
+                    policy: label.policy.clone(),
+                    rule: label.rule.clone(),
+                    key: label.text(),
+                    first_value: label.values.first().cloned(),
+                    spent: Micros(spend.recorded_since(window_start)),
+                    reserved: Micros(spend.reserved_since(window_start, now)),
+                });
+            }
+        }
+        out.sort_by(|a, b| (&a.policy, &a.rule, &a.key).cmp(&(&b.policy, &b.rule, &b.key)));
+        Ok(out)
+    }
+}

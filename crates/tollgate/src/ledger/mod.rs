@@ -1,0 +1,259 @@
+//! The state side: one trait that applies a whole plan atomically.
+//!
+//! The evaluator never reads-then-writes a counter. It builds a [`Plan`] — one operation
+//! per stateful rule that applies — and a [`Ledger`] answers each operation and commits
+//! all of them or none. Every backend implements the same trait and passes the same
+//! conformance tests (`tests/ledger_conformance.rs`).
+
+use std::fmt;
+use std::hash::{Hash, Hasher};
+
+use crate::money::Micros;
+use crate::request::{Dimension, Subject};
+
+mod memory;
+
+pub use memory::MemoryLedger;
+
+/// Identifies one counter: a policy, a rule id and the values of its `by` dimensions.
+///
+/// The `id` is a 128-bit hash of those parts, computed without formatting a string per
+/// request; the parts are kept (borrowed) so a backend can label a new counter once.
+#[derive(Clone, Debug)]
+pub struct CounterKey<'a> {
+    /// Hash of (policy, rule, values).
+    pub id: u128,
+    /// The policy that defines the rule (or `run` for run budgets).
+    pub policy: &'a str,
+    /// The rule id (or the run id).
+    pub rule: &'a str,
+    /// The dimensions the counter is keyed by.
+    pub by: &'a [Dimension],
+    /// Their values in this request, in the order of `by`.
+    pub values: Vec<&'a str>,
+}
+
+impl<'a> CounterKey<'a> {
+    /// Builds a key and its id.
+    pub fn new(policy: &'a str, rule: &'a str, by: &'a [Dimension], values: Vec<&'a str>) -> Self {
+        let half = |salt: u8| {
+            let mut h = std::hash::DefaultHasher::new();
+            salt.hash(&mut h);
+            policy.hash(&mut h);
+            rule.hash(&mut h);
+            values.hash(&mut h);
+            h.finish()
+        };
+        let id = (u128::from(half(0)) << 64) | u128::from(half(1));
+        CounterKey {
+            id,
+            policy,
+            rule,
+            by,
+            values,
+        }
+    }
+
+    /// `user=u42,team=t` (or `*` for a counter shared by every request).
+    pub fn label(&self) -> String {
+        if self.by.is_empty() {
+            return "*".to_string();
+        }
+        self.by
+            .iter()
+            .zip(&self.values)
+            .map(|(d, v)| format!("{d}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// A rate limiting algorithm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algorithm {
+    /// Starts full at `burst`, refills continuously at `limit / per`.
+    TokenBucket,
+    /// Windows aligned to multiples of `per` since the Unix epoch.
+    FixedWindow,
+    /// Exact: counts admitted requests with timestamp `>= now - per`.
+    SlidingWindow,
+}
+
+/// What one operation asks of the ledger.
+#[derive(Clone, Debug, PartialEq)]
+pub enum OpKind {
+    /// Take one request from a rate limit.
+    Rate {
+        /// The algorithm.
+        algorithm: Algorithm,
+        /// Requests per `per_ms`.
+        limit: u64,
+        /// The period, in milliseconds.
+        per_ms: i64,
+        /// Token bucket capacity.
+        burst: u64,
+    },
+    /// Reserve `amount` against spend since `window_start` (inclusive).
+    ///
+    /// Refused when `used >= limit` or `used + amount > limit`, where `used` is recorded
+    /// spend plus live reservations, each attributed to the time of its check.
+    Spend {
+        /// Start of the period or trailing window (`i64::MIN` for `total`).
+        window_start: i64,
+        /// How long after its check an amount can still count: the trailing window, or
+        /// the longest calendar period; `None` for `total`. Also gives `retry_after_ms`
+        /// for trailing windows.
+        window_ms: Option<i64>,
+        /// The limit.
+        limit: Micros,
+        /// The estimate to reserve.
+        amount: Micros,
+    },
+    /// Read recorded spend in the trailing `lookback_ms` and refuse when the 30-day
+    /// projection reaches `monthly_budget`. Reserves nothing; the decision's recorded
+    /// cost is added to this counter.
+    Forecast {
+        /// The trailing window.
+        lookback_ms: i64,
+        /// The monthly budget the projection is compared with.
+        monthly_budget: Micros,
+    },
+    /// Take a lease slot: refused when the live leases of this key are `>= max`.
+    Lease {
+        /// The resource.
+        resource: String,
+        /// The cap.
+        max: u64,
+    },
+}
+
+/// One operation of a plan.
+#[derive(Clone, Debug)]
+pub struct Op<'a> {
+    /// The counter.
+    pub key: CounterKey<'a>,
+    /// What to do.
+    pub kind: OpKind,
+    /// Whether a refusal blocks the whole plan (enforce mode). A refused non-enforcing
+    /// operation still commits what it can: a budget reserves, an empty bucket stays empty.
+    pub enforcing: bool,
+}
+
+/// A lease to create when the plan commits (every allowed `acquire`).
+#[derive(Clone, Debug)]
+pub struct NewLease<'a> {
+    /// The lease id.
+    pub id: u128,
+    /// The resource held.
+    pub resource: &'a str,
+    /// Who holds it.
+    pub subject: &'a Subject,
+    /// When it lapses on its own, if ever.
+    pub expires_at: Option<i64>,
+}
+
+/// Everything one decision asks of the ledger.
+#[derive(Clone, Debug)]
+pub struct Plan<'a> {
+    /// The decision id reservations are held under.
+    pub decision: u128,
+    /// The time of the check.
+    pub now: i64,
+    /// How long reservations live.
+    pub reservation_ttl_ms: i64,
+    /// The operations, in rule order.
+    pub ops: Vec<Op<'a>>,
+    /// A lease to create, for `acquire`.
+    pub lease: Option<NewLease<'a>>,
+}
+
+/// Apply the plan, or only evaluate it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Apply {
+    /// Commit when no enforcing operation is refused; otherwise change nothing.
+    Commit,
+    /// Change nothing, whatever the answers (a stateless rule already denied).
+    DryRun,
+}
+
+/// The ledger's answer to one operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpResult {
+    /// Whether the operation was within its limit.
+    pub granted: bool,
+    /// The amount in use before this operation: tokens or requests taken, micro-dollars
+    /// spent and reserved, the 30-day projection, live leases.
+    pub used: i64,
+    /// What is left after it (when granted) or now (when refused), never negative.
+    pub remaining: i64,
+    /// When a refused rate or velocity operation could succeed.
+    pub retry_after_ms: Option<u64>,
+}
+
+/// The answer to [`Ledger::record`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordOutcome {
+    /// The cost was recorded.
+    Recorded,
+    /// This decision was recorded before; nothing was counted twice.
+    Duplicate,
+    /// No such decision (unknown, denied, or retained no longer).
+    UnknownDecision,
+}
+
+/// One spend counter's state, for the usage summary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpendUsage {
+    /// The policy (or `run`).
+    pub policy: String,
+    /// The rule (or run id).
+    pub rule: String,
+    /// The counter's label, e.g. `user=u42`.
+    pub key: String,
+    /// The value of the counter's first `by` dimension (budget `overrides` are keyed by it).
+    pub first_value: Option<String>,
+    /// Recorded spend since the window start.
+    pub spent: Micros,
+    /// Live reservations since the window start.
+    pub reserved: Micros,
+}
+
+/// A backend failed; the decision falls back to the policy's `on_backend_error`.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("ledger backend error: {0}")]
+pub struct LedgerError(pub String);
+
+/// The state side of tollgate.
+pub trait Ledger: Send + Sync {
+    /// Answers every operation of the plan; commits all of them or none (see [`Apply`]).
+    fn apply(&self, plan: &Plan<'_>, mode: Apply) -> Result<Vec<OpResult>, LedgerError>;
+
+    /// Recorded spend plus live reservations of one counter since `window_start`.
+    fn spend_used(&self, key: &CounterKey<'_>, window_start: i64, now: i64)
+    -> Result<Micros, LedgerError>;
+
+    /// Replaces a decision's reservations by its actual cost (idempotent by decision).
+    fn record(&self, decision: u128, cost: Micros, now: i64) -> Result<RecordOutcome, LedgerError>;
+
+    /// Releases a lease; `false` when there is no such live lease.
+    fn release(&self, lease: u128, now: i64) -> Result<bool, LedgerError>;
+
+    /// Spend counters whose key has `dimension=value` (every counter when `None`), with
+    /// the spend in the window `window_of(policy, rule)` gives (`None`: skip the counter).
+    fn spend_usage(
+        &self,
+        filter: Option<(&str, &str)>,
+        now: i64,
+        window_of: &dyn Fn(&str, &str) -> Option<i64>,
+    ) -> Result<Vec<SpendUsage>, LedgerError>;
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Algorithm::TokenBucket => "token_bucket",
+            Algorithm::FixedWindow => "fixed_window",
+            Algorithm::SlidingWindow => "sliding_window",
+        })
+    }
+}
