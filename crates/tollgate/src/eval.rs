@@ -147,7 +147,7 @@ pub(crate) fn decide(set: &PolicySet, request: &Request, inputs: Inputs<'_>, opt
                 Some(&p.name),
                 None,
                 if hit { "matched" } else { "not_matched" },
-                if hit { "its match holds".into() } else { "its match does not hold".into() },
+                if hit { "its match holds".into() } else { set.matcher.explain(i as u32, request) },
             );
         }
     }
@@ -265,6 +265,21 @@ pub(crate) fn decide(set: &PolicySet, request: &Request, inputs: Inputs<'_>, opt
         }
     };
 
+    // A plan that was not committed took nothing: report what is left now, not what
+    // would have been left.
+    let mut results = results;
+    let committed = mode == Apply::Commit
+        && !plan.ops.iter().zip(&results).any(|(op, r)| op.enforcing && !r.granted);
+    if !committed {
+        for (op, r) in plan.ops.iter().zip(results.iter_mut()).filter(|(_, r)| r.granted) {
+            match op.kind {
+                OpKind::Rate { .. } | OpKind::Lease { .. } => r.remaining += 1,
+                OpKind::Spend { amount, limit, .. } => r.remaining = (r.remaining + amount.0).min(limit.0.max(0)),
+                OpKind::Forecast { .. } => {}
+            }
+        }
+    }
+
     let mut decision = Decision {
         allowed: true,
         code: Code::Allowed,
@@ -306,7 +321,7 @@ pub(crate) fn decide(set: &PolicySet, request: &Request, inputs: Inputs<'_>, opt
         let verdict = entry.verdict.as_ref().expect("every entry has a verdict by now");
         let (policy, id) = (Some(rule.policy.as_str()), Some(rule.id.as_str()));
         match (verdict, rule.mode) {
-            (Verdict::Pass(detail), _) => note(policy, id, "pass", detail.clone()),
+            (Verdict::Pass(detail), _) => note(policy, id, "pass", format!("{}: {detail}", rule.type_name())),
             (Verdict::Skip(detail), _) => note(policy, id, "skip", detail.clone()),
             (Verdict::Error(detail), _) => note(policy, id, "error", detail.clone()),
             (Verdict::Deny { code, reason }, Mode::Enforce) => {

@@ -66,10 +66,14 @@ pub(crate) struct Condition {
 }
 
 impl Condition {
-    pub(crate) fn holds(&self, request: &Request) -> bool {
+    /// `None` when the condition holds, else why not (for explained decisions).
+    pub(crate) fn failure(&self, request: &Request) -> Option<String> {
+        let patterns = self.patterns.source.join(", ");
         match self.field.value(request, request.model.as_deref()) {
-            Some(v) => self.patterns.is_match(v),
-            None => self.patterns.matches_absent(),
+            Some(v) if self.patterns.is_match(v) => None,
+            Some(v) => Some(format!("{} `{v}` does not match [{patterns}]", self.field)),
+            None if self.patterns.matches_absent() => None,
+            None => Some(format!("the request has no {} (only `*` matches an absent field; patterns: [{patterns}])", self.field)),
         }
     }
 }
@@ -85,6 +89,8 @@ struct FieldIndex {
 
 /// The compiled `match` blocks of a whole policy set.
 pub(crate) struct Matcher {
+    /// Each policy's own conditions (for explanations).
+    conditions: Vec<Vec<Condition>>,
     fields: Vec<FieldIndex>,
     /// How many fields each policy constrains.
     needed: Vec<u8>,
@@ -126,7 +132,16 @@ impl Matcher {
                 star,
             })
             .collect();
-        Matcher { fields, needed }
+        Matcher { conditions: conditions.to_vec(), fields, needed }
+    }
+
+    /// Why a policy's `match` does not hold, condition by condition.
+    pub(crate) fn explain(&self, policy: u32, request: &Request) -> String {
+        let reasons: Vec<String> = self.conditions[policy as usize]
+            .iter()
+            .filter_map(|c| c.failure(request))
+            .collect();
+        reasons.join("; ")
     }
 
     /// Indices of the policies whose own `match` holds, in document order.

@@ -62,6 +62,11 @@ pub fn run_text_with(text: &str, load_file: FileLoader<'_>, ledger: LedgerFactor
     }
 }
 
+/// Each error as `LINE:COL: PATH: message`.
+fn errors_text(e: &crate::policy::diag::PolicyErrors) -> Vec<String> {
+    e.errors().map(|d| format!("{}:{}: {d}", d.line, d.column)).collect()
+}
+
 fn parse_time(text: &str) -> Result<i64, String> {
     chrono::DateTime::parse_from_rfc3339(text)
         .map(|t| t.timestamp_millis())
@@ -91,38 +96,32 @@ fn run_scenario(doc: &Node, index: usize, load_file: FileLoader<'_>, ledger: Led
     let clock = Arc::new(ManualClock::new(start));
     let builder = Engine::builder().clock(clock.clone()).ledger(ledger());
 
-    let policy_tree = match (doc.get("policy"), doc.get("policy_file")) {
-        (Some(p), None) => Ok(p.clone()),
-        (None, Some(f)) => match f.as_str() {
-            Some(path) => load_file(path).and_then(|text| yaml::load_one(&text).map_err(|e| format!("{path}:{e}"))),
-            None => Err("`policy_file` is a path".into()),
-        },
-        (None, None) => Err("a scenario needs `policy` or `policy_file`".into()),
-        (Some(_), Some(_)) => Err("give `policy` or `policy_file`, not both".into()),
+    // A policy that cannot be read at all is a failure; one that is read but refused
+    // (syntax or validation) is what `expect_policy_error` looks at.
+    let compiled: Result<PolicySet, Vec<String>> = match (doc.get("policy"), doc.get("policy_file")) {
+        (Some(p), None) => PolicySet::compile_tree(p, &Default::default()).map_err(|e| errors_text(&e)),
+        (None, Some(f)) => {
+            let Some(path) = f.as_str() else { return fail("`policy_file` is a path".into()) };
+            match load_file(path) {
+                Ok(text) => PolicySet::compile(&text).map_err(|e| errors_text(&e)),
+                Err(e) => return fail(e),
+            }
+        }
+        (None, None) => return fail("a scenario needs `policy` or `policy_file`".into()),
+        (Some(_), Some(_)) => return fail("give `policy` or `policy_file`, not both".into()),
     };
-    let policy_tree = match policy_tree {
-        Ok(t) => t,
-        Err(e) => return fail(e),
-    };
-    let compiled = PolicySet::compile_tree(&policy_tree, &Default::default());
 
     if let Some(expect) = doc.get("expect_policy_error") {
         let contains = expect.get("contains").and_then(Node::as_str).unwrap_or_default();
         return match compiled {
             Ok(_) => fail(format!("expected the policy to be refused with an error containing {contains:?}, but it loaded")),
-            Err(errors) => {
-                if errors.errors().any(|d| d.to_string().contains(contains)) {
-                    Outcome { name, failures: vec![] }
-                } else {
-                    let all: Vec<String> = errors.errors().map(|d| d.to_string()).collect();
-                    fail(format!("expected a policy error containing {contains:?}, got: {}", all.join(" | ")))
-                }
-            }
+            Err(errors) if errors.iter().any(|e| e.contains(contains)) => Outcome { name, failures: vec![] },
+            Err(errors) => fail(format!("expected a policy error containing {contains:?}, got: {}", errors.join(" | "))),
         };
     }
     let set = match compiled {
         Ok(s) => s,
-        Err(e) => return fail(format!("the policy was refused: {e}")),
+        Err(e) => return fail(format!("the policy was refused: {}", e.join(" | "))),
     };
     let engine = builder.build(set);
     let Some(Value::Seq(steps)) = doc.get("steps").map(|n| &n.value) else {
@@ -275,9 +274,7 @@ impl Runner {
                 serde_json::to_value(info).map_err(|e| e.to_string())
             }
             "replace_policy" => {
-                let set = self.engine.compile_tree(body).map_err(|e| {
-                    e.errors().map(|d| format!("{}:{}: {d}", d.line, d.column)).collect::<Vec<_>>().join("; ")
-                })?;
+                let set = self.engine.compile_tree(body).map_err(|e| errors_text(&e).join("; "))?;
                 Ok(json!({"version": self.engine.install(set)}))
             }
             "set_setting" | "remove_setting" => {

@@ -314,7 +314,9 @@ fn compile_node(root: &Node, custom: &Registry) -> Result<PolicySet, PolicyError
     }
 
     if d.has_errors() {
-        return Err(PolicyErrors { diagnostics: d.list });
+        let mut diagnostics = d.list;
+        diagnostics.sort_by_key(|d| (d.line, d.column));
+        return Err(PolicyErrors { diagnostics });
     }
 
     let chains: Vec<Vec<u32>> = (0..raw.len()).map(|i| chain(i, &parents)).collect();

@@ -160,16 +160,6 @@ pub(crate) fn string_list(node: &Node, at: &At, d: &mut Diags) -> Option<Vec<(St
     }
 }
 
-pub(crate) fn boolean(node: &Node, at: &At, d: &mut Diags) -> Option<bool> {
-    match node.value {
-        Value::Bool(b) => Some(b),
-        _ => {
-            at.error(d, node.pos, format!("expected true or false, found {}", node.kind()));
-            None
-        }
-    }
-}
-
 /// A whole number `>= min`.
 pub(crate) fn integer(node: &Node, at: &At, d: &mut Diags, min: i64) -> Option<i64> {
     let value = match &node.value {
