@@ -188,11 +188,13 @@ pub(crate) fn decide(set: &PolicySet, request: &Request, inputs: Inputs<'_>, opt
             match ctx.eval(when) {
                 Ok(true) => {}
                 Ok(false) => {
-                    note(Some(&rule.policy), Some(&rule.id), "skip", format!("`when` is false: {}", when.source));
+                    let why = if explain { format!("`when` is false: {}", when.source) } else { String::new() };
+                    entries.push(Entry { rule, verdict: Some(Verdict::Skip(why)), op: None });
                     continue;
                 }
                 Err(e) => {
-                    note(Some(&rule.policy), Some(&rule.id), "error", format!("`when` failed, counted as false: {e}"));
+                    let why = format!("`when` failed, counted as false: {e}");
+                    entries.push(Entry { rule, verdict: Some(Verdict::Error(why)), op: None });
                     continue;
                 }
             }
@@ -271,11 +273,11 @@ pub(crate) fn decide(set: &PolicySet, request: &Request, inputs: Inputs<'_>, opt
     let committed = mode == Apply::Commit
         && !plan.ops.iter().zip(&results).any(|(op, r)| op.enforcing && !r.granted);
     if !committed {
-        for (op, r) in plan.ops.iter().zip(results.iter_mut()).filter(|(_, r)| r.granted) {
+        for (op, r) in plan.ops.iter().zip(results.iter_mut()) {
             match op.kind {
-                OpKind::Rate { .. } | OpKind::Lease { .. } => r.remaining += 1,
-                OpKind::Spend { amount, limit, .. } => r.remaining = (r.remaining + amount.0).min(limit.0.max(0)),
-                OpKind::Forecast { .. } => {}
+                OpKind::Rate { .. } | OpKind::Lease { .. } if r.granted => r.remaining += 1,
+                OpKind::Spend { limit, .. } => r.remaining = (limit.0 - r.used).max(0),
+                _ => {}
             }
         }
     }

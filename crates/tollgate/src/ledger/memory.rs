@@ -349,7 +349,9 @@ fn evaluate(counter: &mut Counter, op: &Op<'_>, now: i64) -> (OpResult, Effect) 
         (State::Spend(spend), OpKind::Spend { window_start, window_ms, limit, amount }) => {
             let used = spend.recorded_since(*window_start) + spend.reserved_since(*window_start, now);
             let refused = crate::rules::budget::exceeds(Micros(used), *amount, *limit);
-            let remaining = (limit.0 - used - if refused { 0 } else { amount.0 }).max(0);
+            // A refused non-enforcing operation still reserves when the plan commits.
+            let reserves = !refused || !op.enforcing;
+            let remaining = (limit.0 - used - if reserves { amount.0 } else { 0 }).max(0);
             let retry_after_ms = match window_ms {
                 Some(w) if refused && *window_start != i64::MIN => {
                     spend.retry_after(*window_start, *w, now, used, amount.0, limit.0)
@@ -394,12 +396,17 @@ impl Ledger for MemoryLedger {
 
         let mut results = Vec::with_capacity(plan.ops.len());
         let mut effects = Vec::with_capacity(plan.ops.len());
+        let mut seeded: Vec<(u128, Vec<u128>)> = Vec::new();
         for op in &plan.ops {
             let shard = guard(&mut guards, op.key.id);
             let counter = shard.counters.entry(op.key.id).or_insert_with(|| Counter {
                 label: Label::of(&op.key),
                 state: match (&op.kind, &lease_table) {
-                    (OpKind::Lease { resource, .. }, Some(table)) => State::Leases(seed_leases(table, &op.key, resource, now)),
+                    (OpKind::Lease { resource, .. }, Some(table)) => {
+                        let live = seed_leases(table, &op.key, resource, now);
+                        seeded.push((op.key.id, live.iter().map(|(id, _)| *id).collect()));
+                        State::Leases(live)
+                    }
                     _ => fresh_state(&op.kind),
                 },
                 idle_at: now,
@@ -411,6 +418,16 @@ impl Ledger for MemoryLedger {
             let (result, effect) = evaluate(counter, op, now);
             results.push(result);
             effects.push(effect);
+        }
+        // A seeded counter now holds those leases: releasing one must update it too.
+        if let Some(table) = lease_table.as_mut() {
+            for (counter, ids) in seeded {
+                for id in ids {
+                    if let Some(lease) = table.get_mut(&id) {
+                        lease.keys.push(counter);
+                    }
+                }
+            }
         }
         let blocked = plan.ops.iter().zip(&results).any(|(op, r)| op.enforcing && !r.granted);
         if mode == Apply::DryRun || blocked {
@@ -457,7 +474,8 @@ impl Ledger for MemoryLedger {
                         live.push((lease.id, lease.expires_at));
                         lease_keys.push(op.key.id);
                     }
-                    counter.idle_at = i64::MAX;
+                    // Idle once the last lease lapses (never, while one has no TTL).
+                    counter.idle_at = live.iter().map(|(_, e)| e.unwrap_or(i64::MAX)).max().unwrap_or(now);
                 }
                 _ => {}
             }
