@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use tollgate::{Engine, ManualClock, PolicySet, Request, Severity};
 
 #[derive(Parser)]
-#[command(name = "tollgate", version, about = "Policy engine for LLM and AI-agent traffic")]
+#[command(
+    name = "tollgate",
+    version,
+    about = "Policy engine for LLM and AI-agent traffic"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -44,7 +48,11 @@ enum Command {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Validate { files } => validate(&files),
-        Command::Check { file, request, explain } => check(&file, &request, explain),
+        Command::Check {
+            file,
+            request,
+            explain,
+        } => check(&file, &request, explain),
         Command::Test { paths } => test(&paths),
     }
 }
@@ -52,7 +60,8 @@ fn main() -> ExitCode {
 fn read(path: &Path) -> Result<String, String> {
     if path == Path::new("-") {
         let mut s = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map_err(|e| format!("-: {e}"))?;
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .map_err(|e| format!("-: {e}"))?;
         return Ok(s);
     }
     std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
@@ -87,7 +96,11 @@ fn validate(files: &[PathBuf]) -> ExitCode {
             println!("{}: ok", file.display());
         }
     }
-    if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn check(file: &Path, request: &Path, explain: bool) -> ExitCode {
@@ -100,9 +113,15 @@ fn check(file: &Path, request: &Path, explain: bool) -> ExitCode {
                 .join("\n")
         })?;
         let request = Request::from_json(&read(request)?).map_err(|e| e.message)?;
-        let clock = std::sync::Arc::new(ManualClock::new(tollgate::Clock::now_ms(&tollgate::SystemClock)));
+        let clock = std::sync::Arc::new(ManualClock::new(tollgate::Clock::now_ms(
+            &tollgate::SystemClock,
+        )));
         let engine = Engine::builder().clock(clock).build(set);
-        let decision = if explain { engine.check_explained(&request) } else { engine.check(&request) };
+        let decision = if explain {
+            engine.check_explained(&request)
+        } else {
+            engine.check(&request)
+        };
         serde_json::to_string_pretty(&decision).map_err(|e| e.to_string())
     };
     match run() {
@@ -176,5 +195,9 @@ fn test(paths: &[PathBuf]) -> ExitCode {
         }
     }
     println!("{passed} passed, {failed} failed");
-    if failed > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+    if failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }

@@ -167,6 +167,7 @@ impl EngineBuilder {
             overrides: RwLock::new(Overrides::default()),
             runs: RwLock::new(HashMap::new()),
             ids: AtomicU64::new(0),
+            salt: uuid::Uuid::new_v4().as_u128(),
         }
     }
 }
@@ -181,11 +182,14 @@ pub struct Engine {
     overrides: RwLock<Overrides>,
     runs: RwLock<HashMap<String, Arc<Run>>>,
     ids: AtomicU64,
+    salt: u128,
 }
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("version", &self.policy.load().version).finish()
+        f.debug_struct("Engine")
+            .field("version", &self.policy.load().version)
+            .finish()
     }
 }
 
@@ -235,13 +239,14 @@ impl Engine {
     }
 
     fn next_id(&self, now: i64) -> u128 {
-        // UUIDv7 layout: the clock's milliseconds, then a process-unique counter mixed
-        // with randomness, so ids sort by time and never repeat within a process.
-        let seq = self.ids.fetch_add(1, Ordering::Relaxed);
-        let random = uuid::Uuid::new_v4().as_u128() as u64;
+        // UUIDv7 layout: the clock's milliseconds, then this engine's random salt XOR a
+        // counter. XOR with a constant is a bijection, so ids never repeat within an
+        // engine, and the 74 random bits keep engines apart. No syscall per decision.
+        let seq = u128::from(self.ids.fetch_add(1, Ordering::Relaxed));
         let ts = (now.max(0) as u128) & ((1 << 48) - 1);
-        let low = u128::from(seq ^ (random & 0xFFFF_FFFF_0000_0000));
-        (ts << 80) | (0x7 << 76) | (u128::from(random as u16 & 0x0FFF) << 64) | (0b10 << 62) | (low & ((1 << 62) - 1))
+        let rand = (self.salt ^ seq) & ((1 << 74) - 1);
+        let (rand_a, rand_b) = (rand >> 62, rand & ((1 << 62) - 1));
+        (ts << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b
     }
 
     /// Decides a request (and counts it when allowed).
@@ -251,7 +256,13 @@ impl Engine {
 
     /// Decides a request and fills `trace`.
     pub fn check_explained(&self, request: &Request) -> Decision {
-        self.decide(request, CheckOptions { explain: true, ..CheckOptions::default() })
+        self.decide(
+            request,
+            CheckOptions {
+                explain: true,
+                ..CheckOptions::default()
+            },
+        )
     }
 
     /// A check that also takes a lease on `request.resource` (quota rules apply);
@@ -260,7 +271,11 @@ impl Engine {
         let now = self.clock.now_ms();
         self.decide(
             request,
-            CheckOptions { acquire: true, explain, lease_expires_at: ttl.map(|t| now + t.0) },
+            CheckOptions {
+                acquire: true,
+                explain,
+                lease_expires_at: ttl.map(|t| now + t.0),
+            },
         )
     }
 
@@ -298,7 +313,11 @@ impl Engine {
                 ledger: &*self.ledger,
                 now,
                 decision_id,
-                lease_id: if options.acquire { self.next_id(now) } else { 0 },
+                lease_id: if options.acquire {
+                    self.next_id(now)
+                } else {
+                    0
+                },
                 run_rules,
                 settings,
             },
@@ -311,7 +330,9 @@ impl Engine {
         Decision {
             allowed: false,
             code: Code::PolicyDenied,
-            reason: Some(format!("unknown run `{id}`: create it with POST /v1/runs first")),
+            reason: Some(format!(
+                "unknown run `{id}`: create it with POST /v1/runs first"
+            )),
             policy: None,
             rule: None,
             policy_version: set.version,
@@ -328,7 +349,11 @@ impl Engine {
         }
     }
 
-    fn resolve_settings(&self, set: &PolicySet, request: &Request) -> BTreeMap<String, EffectiveSetting> {
+    fn resolve_settings(
+        &self,
+        set: &PolicySet,
+        request: &Request,
+    ) -> BTreeMap<String, EffectiveSetting> {
         if set.settings.is_empty() {
             return BTreeMap::new();
         }
@@ -338,10 +363,19 @@ impl Engine {
             let p = &set.policies[p as usize];
             (p.name.as_str(), p.settings.as_slice())
         });
-        settings::resolve(&set.settings, layers, &self.overrides.read(), &request.subject)
+        settings::resolve(
+            &set.settings,
+            layers,
+            &self.overrides.read(),
+            &request.subject,
+        )
     }
 
-    fn non_default_settings(&self, set: &PolicySet, request: &Request) -> BTreeMap<String, EffectiveSetting> {
+    fn non_default_settings(
+        &self,
+        set: &PolicySet,
+        request: &Request,
+    ) -> BTreeMap<String, EffectiveSetting> {
         let mut all = self.resolve_settings(set, request);
         all.retain(|_, s| s.source != "default");
         all
@@ -349,23 +383,38 @@ impl Engine {
 
     /// Every effective setting for a subject, each with its source; a subject naming a
     /// run gets the run's snapshot.
-    pub fn settings(&self, subject: &Subject) -> Result<BTreeMap<String, EffectiveSetting>, EngineError> {
+    pub fn settings(
+        &self,
+        subject: &Subject,
+    ) -> Result<BTreeMap<String, EffectiveSetting>, EngineError> {
         if let Some(id) = &subject.run {
             let runs = self.runs.read();
-            let run = runs.get(id).ok_or_else(|| EngineError::UnknownRun(id.clone()))?;
+            let run = runs
+                .get(id)
+                .ok_or_else(|| EngineError::UnknownRun(id.clone()))?;
             return Ok(run.info.settings.clone());
         }
-        let request = Request { subject: subject.clone(), ..Request::default() };
+        let request = Request {
+            subject: subject.clone(),
+            ..Request::default()
+        };
         Ok(self.resolve_settings(&self.policy.load(), &request))
     }
 
     /// Sets an override; the value is checked against the key's type and bounds.
     /// Returns the previous value at that scope.
-    pub fn set_setting(&self, scope: &str, key: &str, value: Json) -> Result<Option<Json>, EngineError> {
+    pub fn set_setting(
+        &self,
+        scope: &str,
+        key: &str,
+        value: Json,
+    ) -> Result<Option<Json>, EngineError> {
         let scope = Scope::parse(scope).map_err(EngineError::InvalidSetting)?;
         let set = self.policy.load();
         let def = set.settings.get(key).ok_or_else(|| {
-            EngineError::InvalidSetting(format!("unknown setting `{key}` (the policy's `settings` does not define it)"))
+            EngineError::InvalidSetting(format!(
+                "unknown setting `{key}` (the policy's `settings` does not define it)"
+            ))
         })?;
         let value = def.check(&value).map_err(EngineError::InvalidSetting)?;
         Ok(self.overrides.write().set(scope, key.to_string(), value))
@@ -390,19 +439,25 @@ impl Engine {
     pub fn record(&self, decision_id: &str, cost: Micros) -> Result<RecordOutcome, EngineError> {
         let id = uuid::Uuid::parse_str(decision_id)
             .map_err(|_| EngineError::BadDecisionId(decision_id.to_string()))?;
-        Ok(self.ledger.record(id.as_u128(), cost, self.clock.now_ms())?)
+        Ok(self
+            .ledger
+            .record(id.as_u128(), cost, self.clock.now_ms())?)
     }
 
     /// Releases a lease; `false` when there is no such live lease.
     pub fn release(&self, lease_id: &str) -> Result<bool, EngineError> {
-        let id = uuid::Uuid::parse_str(lease_id).map_err(|_| EngineError::BadLeaseId(lease_id.to_string()))?;
+        let id = uuid::Uuid::parse_str(lease_id)
+            .map_err(|_| EngineError::BadLeaseId(lease_id.to_string()))?;
         Ok(self.ledger.release(id.as_u128(), self.clock.now_ms())?)
     }
 
     /// Creates a run: freezes the current policy version and the subject's settings.
     pub fn create_run(&self, spec: RunSpec) -> Result<RunInfo, EngineError> {
         let now = self.clock.now_ms();
-        let id = spec.id.clone().unwrap_or_else(|| uuid::Uuid::from_u128(self.next_id(now)).to_string());
+        let id = spec
+            .id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::from_u128(self.next_id(now)).to_string());
         if id.is_empty() {
             return Err(EngineError::InvalidRun("`id` must not be empty".into()));
         }
@@ -411,20 +466,30 @@ impl Engine {
             Some("alert") => OnExceeded::Alert,
             Some("downgrade") => OnExceeded::Downgrade,
             Some(other) => {
-                return Err(EngineError::InvalidRun(format!("`on_exceeded` is reject, alert or downgrade, not `{other}`")));
+                return Err(EngineError::InvalidRun(format!(
+                    "`on_exceeded` is reject, alert or downgrade, not `{other}`"
+                )));
             }
         };
         if (on_exceeded == OnExceeded::Downgrade) != spec.downgrade_to.is_some() {
-            return Err(EngineError::InvalidRun("`downgrade_to` goes with `on_exceeded: downgrade`, and only with it".into()));
+            return Err(EngineError::InvalidRun(
+                "`downgrade_to` goes with `on_exceeded: downgrade`, and only with it".into(),
+            ));
         }
         if spec.alert_at.is_some_and(|a| !(a > 0.0 && a <= 1.0)) {
-            return Err(EngineError::InvalidRun("`alert_at` is a fraction in (0, 1]".into()));
+            return Err(EngineError::InvalidRun(
+                "`alert_at` is a fraction in (0, 1]".into(),
+            ));
         }
         if spec.budget_usd.is_some_and(|b| b.0 < 0) {
-            return Err(EngineError::InvalidRun("`budget_usd` must not be negative".into()));
+            return Err(EngineError::InvalidRun(
+                "`budget_usd` must not be negative".into(),
+            ));
         }
         if spec.budget_usd.is_none() && (spec.on_exceeded.is_some() || spec.alert_at.is_some()) {
-            return Err(EngineError::InvalidRun("`on_exceeded` and `alert_at` need a `budget_usd`".into()));
+            return Err(EngineError::InvalidRun(
+                "`on_exceeded` and `alert_at` need a `budget_usd`".into(),
+            ));
         }
         let mut runs = self.runs.write();
         if runs.contains_key(&id) {
@@ -432,22 +497,44 @@ impl Engine {
         }
         let parent = match &spec.parent {
             None => None,
-            Some(p) => Some(Arc::clone(runs.get(p).ok_or_else(|| EngineError::UnknownRun(p.clone()))?)),
+            Some(p) => Some(Arc::clone(
+                runs.get(p)
+                    .ok_or_else(|| EngineError::UnknownRun(p.clone()))?,
+            )),
         };
         let policy = self.policy.load_full();
-        let request = Request { subject: Subject { run: None, ..spec.subject.clone() }, ..Request::default() };
+        let request = Request {
+            subject: Subject {
+                run: None,
+                ..spec.subject.clone()
+            },
+            ..Request::default()
+        };
         let source = format!("run:{id}");
         let settings = self
             .resolve_settings(&policy, &request)
             .into_iter()
-            .map(|(k, s)| (k, EffectiveSetting { value: s.value, source: source.clone() }))
+            .map(|(k, s)| {
+                (
+                    k,
+                    EffectiveSetting {
+                        value: s.value,
+                        source: source.clone(),
+                    },
+                )
+            })
             .collect();
         let budget = spec.budget_usd.map(|limit| Rule {
             id: "budget".into(),
             policy: source.clone(),
             when: None,
             mode: Mode::Enforce,
-            kind: RuleKind::Budget(Budget::for_run(limit, on_exceeded, spec.downgrade_to.clone(), spec.alert_at)),
+            kind: RuleKind::Budget(Budget::for_run(
+                limit,
+                on_exceeded,
+                spec.downgrade_to.clone(),
+                spec.alert_at,
+            )),
         });
         let info = RunInfo {
             id: id.clone(),
@@ -456,7 +543,15 @@ impl Engine {
             budget_usd: spec.budget_usd,
             parent: spec.parent.clone(),
         };
-        runs.insert(id, Arc::new(Run { info: info.clone(), policy, budget, parent }));
+        runs.insert(
+            id,
+            Arc::new(Run {
+                info: info.clone(),
+                policy,
+                budget,
+                parent,
+            }),
+        );
         Ok(info)
     }
 
@@ -488,7 +583,10 @@ impl Engine {
             .filter_map(|row| {
                 let rule = rule_of(&row.policy, &row.rule)?;
                 let (limit, start) = match &rule.kind {
-                    RuleKind::Budget(b) => (b.limit_for_value(row.first_value.as_deref()), b.window_start(now)),
+                    RuleKind::Budget(b) => (
+                        b.limit_for_value(row.first_value.as_deref()),
+                        b.window_start(now),
+                    ),
                     RuleKind::CostVelocity(c) => (c.limit(), c.window_start(now)),
                     _ => return None,
                 };

@@ -19,11 +19,13 @@ pub(crate) struct EvalCtx<'r> {
     pub set: &'r PolicySet,
     pub now: i64,
     pub acquire: bool,
+    pub explain: bool,
     ledger: &'r dyn Ledger,
     rule: Option<&'r Rule>,
     model: Option<Cow<'r, str>>,
     cel: Option<cel::Context<'static, 'static>>,
-    cel_model_stale: bool,
+    /// Variables already bound in `cel` (bits of `expr::VARIABLES`).
+    cel_bound: u8,
     notes: Vec<String>,
 }
 
@@ -35,7 +37,8 @@ impl<'r> EvalCtx<'r> {
 
     pub(crate) fn set_model(&mut self, model: &'r str) {
         self.model = Some(Cow::Borrowed(model));
-        self.cel_model_stale = true;
+        // Rebind `model` on the next expression that uses it.
+        self.cel_bound &= !expr::MODEL;
     }
 
     /// The estimate: `cost_usd` when given, else tokens priced for the current model.
@@ -80,20 +83,21 @@ impl<'r> EvalCtx<'r> {
         Ok(CounterKey::new(&rule.policy, &rule.id, by, values))
     }
 
-    pub(crate) fn spend_used(&self, key: &CounterKey<'_>, window_start: i64) -> Result<Micros, LedgerError> {
+    pub(crate) fn spend_used(
+        &self,
+        key: &CounterKey<'_>,
+        window_start: i64,
+    ) -> Result<Micros, LedgerError> {
         self.ledger.spend_used(key, window_start, self.now)
     }
 
-    /// Evaluates an expression, building the context on first use.
+    /// Evaluates an expression, binding on first use only the variables it reads.
     pub(crate) fn eval(&mut self, e: &Expr) -> Result<bool, String> {
-        if self.cel.is_none() {
-            self.cel = Some(expr::context(self.request, self.model.as_deref()));
-            self.cel_model_stale = false;
-        }
-        let ctx = self.cel.as_mut().expect("built above");
-        if self.cel_model_stale {
-            expr::set_model(ctx, self.model.as_deref());
-            self.cel_model_stale = false;
+        let ctx = self.cel.get_or_insert_with(expr::empty_context);
+        let missing = e.vars & !self.cel_bound;
+        if missing != 0 {
+            expr::bind(ctx, self.request, self.model.as_deref(), missing);
+            self.cel_bound |= missing;
         }
         e.eval_bool(ctx)
     }
@@ -125,7 +129,12 @@ pub(crate) struct Inputs<'r> {
     pub settings: BTreeMap<String, EffectiveSetting>,
 }
 
-pub(crate) fn decide(set: &PolicySet, request: &Request, inputs: Inputs<'_>, options: CheckOptions) -> Decision {
+pub(crate) fn decide(
+    set: &PolicySet,
+    request: &Request,
+    inputs: Inputs<'_>,
+    options: CheckOptions,
+) -> Decision {
     let explain = options.explain;
     let mut trace: Vec<TraceEntry> = Vec::new();
     let mut note = |policy: Option<&str>, rule: Option<&str>, outcome: &str, detail: String| {
@@ -147,31 +156,28 @@ pub(crate) fn decide(set: &PolicySet, request: &Request, inputs: Inputs<'_>, opt
                 Some(&p.name),
                 None,
                 if hit { "matched" } else { "not_matched" },
-                if hit { "its match holds".into() } else { set.matcher.explain(i as u32, request) },
+                if hit {
+                    "its match holds".into()
+                } else {
+                    set.matcher.explain(i as u32, request)
+                },
             );
         }
     }
     let order = set.evaluation_order(&matched);
-    let mut guardrails: Vec<String> = Vec::new();
-    for &m in &matched {
-        for g in &set.policies[m as usize].guardrails {
-            if !guardrails.contains(g) {
-                guardrails.push(g.clone());
-            }
-        }
-    }
-    guardrails.sort();
+    let guardrails: Vec<String> = set.guardrails(&matched).into_iter().map(str::to_string).collect();
 
     let mut ctx = EvalCtx {
         request,
         set,
         now: inputs.now,
         acquire: options.acquire,
+        explain,
         ledger: inputs.ledger,
         rule: None,
         model: request.model.as_deref().map(Cow::Borrowed),
         cel: None,
-        cel_model_stale: false,
+        cel_bound: 0,
         notes: Vec::new(),
     };
 
@@ -188,13 +194,25 @@ pub(crate) fn decide(set: &PolicySet, request: &Request, inputs: Inputs<'_>, opt
             match ctx.eval(when) {
                 Ok(true) => {}
                 Ok(false) => {
-                    let why = if explain { format!("`when` is false: {}", when.source) } else { String::new() };
-                    entries.push(Entry { rule, verdict: Some(Verdict::Skip(why)), op: None });
+                    let why = if explain {
+                        format!("`when` is false: {}", when.source)
+                    } else {
+                        String::new()
+                    };
+                    entries.push(Entry {
+                        rule,
+                        verdict: Some(Verdict::Skip(why)),
+                        op: None,
+                    });
                     continue;
                 }
                 Err(e) => {
                     let why = format!("`when` failed, counted as false: {e}");
-                    entries.push(Entry { rule, verdict: Some(Verdict::Error(why)), op: None });
+                    entries.push(Entry {
+                        rule,
+                        verdict: Some(Verdict::Error(why)),
+                        op: None,
+                    });
                     continue;
                 }
             }
@@ -207,7 +225,11 @@ pub(crate) fn decide(set: &PolicySet, request: &Request, inputs: Inputs<'_>, opt
                     ctx.set_model(to);
                 }
                 let denies = matches!(v, Verdict::Deny { .. }) && rule.mode == Mode::Enforce;
-                entries.push(Entry { rule, verdict: Some(v), op: None });
+                entries.push(Entry {
+                    rule,
+                    verdict: Some(v),
+                    op: None,
+                });
                 if denies {
                     // Later rules cannot change the outcome: stop here.
                     stateless_denial = true;
@@ -216,7 +238,11 @@ pub(crate) fn decide(set: &PolicySet, request: &Request, inputs: Inputs<'_>, opt
             }
             Step::Op(mut op) => {
                 op.enforcing &= rule.mode == Mode::Enforce;
-                entries.push(Entry { rule, verdict: None, op: Some(ops.len()) });
+                entries.push(Entry {
+                    rule,
+                    verdict: None,
+                    op: Some(ops.len()),
+                });
                 ops.push(op);
             }
         }
@@ -238,7 +264,11 @@ pub(crate) fn decide(set: &PolicySet, request: &Request, inputs: Inputs<'_>, opt
             expires_at: options.lease_expires_at,
         }),
     };
-    let mode = if stateless_denial { Apply::DryRun } else { Apply::Commit };
+    let mode = if stateless_denial {
+        Apply::DryRun
+    } else {
+        Apply::Commit
+    };
     let results: Vec<OpResult> = if plan.ops.is_empty() && plan.lease.is_none() {
         Vec::new()
     } else {
@@ -271,7 +301,11 @@ pub(crate) fn decide(set: &PolicySet, request: &Request, inputs: Inputs<'_>, opt
     // would have been left.
     let mut results = results;
     let committed = mode == Apply::Commit
-        && !plan.ops.iter().zip(&results).any(|(op, r)| op.enforcing && !r.granted);
+        && !plan
+            .ops
+            .iter()
+            .zip(&results)
+            .any(|(op, r)| op.enforcing && !r.granted);
     if !committed {
         for (op, r) in plan.ops.iter().zip(results.iter_mut()) {
             match op.kind {
@@ -300,16 +334,18 @@ pub(crate) fn decide(set: &PolicySet, request: &Request, inputs: Inputs<'_>, opt
         trace: Vec::new(),
         lease_id: None,
     };
-    let last_walk_downgrade = entries
-        .iter()
-        .rposition(|e| matches!(e.verdict, Some(Verdict::Downgrade { .. })) && e.rule.mode == Mode::Enforce);
+    let last_walk_downgrade = entries.iter().rposition(|e| {
+        matches!(e.verdict, Some(Verdict::Downgrade { .. })) && e.rule.mode == Mode::Enforce
+    });
     for (i, entry) in entries.iter_mut().enumerate() {
         let rule = entry.rule;
         if let Some(oi) = entry.op {
             let (op, result) = (&plan.ops[oi], &results[oi]);
-            entry.verdict = Some(rule.judge(op, result));
+            entry.verdict = Some(rule.judge(op, result, explain));
             let remaining = match op.kind {
-                OpKind::Rate { .. } | OpKind::Lease { .. } => Some(Remaining::Count(result.remaining)),
+                OpKind::Rate { .. } | OpKind::Lease { .. } => {
+                    Some(Remaining::Count(result.remaining))
+                }
                 OpKind::Spend { .. } => Some(Remaining::Usd(Micros(result.remaining).to_string())),
                 OpKind::Forecast { .. } => None,
             };
@@ -320,10 +356,18 @@ pub(crate) fn decide(set: &PolicySet, request: &Request, inputs: Inputs<'_>, opt
                 decision.retry_after_ms = result.retry_after_ms;
             }
         }
-        let verdict = entry.verdict.as_ref().expect("every entry has a verdict by now");
+        let verdict = entry
+            .verdict
+            .as_ref()
+            .expect("every entry has a verdict by now");
         let (policy, id) = (Some(rule.policy.as_str()), Some(rule.id.as_str()));
         match (verdict, rule.mode) {
-            (Verdict::Pass(detail), _) => note(policy, id, "pass", format!("{}: {detail}", rule.type_name())),
+            (Verdict::Pass(detail), _) => note(
+                policy,
+                id,
+                "pass",
+                format!("{}: {detail}", rule.type_name()),
+            ),
             (Verdict::Skip(detail), _) => note(policy, id, "skip", detail.clone()),
             (Verdict::Error(detail), _) => note(policy, id, "error", detail.clone()),
             (Verdict::Deny { code, reason }, Mode::Enforce) => {
@@ -344,8 +388,12 @@ pub(crate) fn decide(set: &PolicySet, request: &Request, inputs: Inputs<'_>, opt
                 note(policy, id, "alert", reason.clone());
                 decision.alerts.push(alert(rule, reason));
             }
-            (Verdict::Deny { reason, .. }, Mode::Shadow) => note(policy, id, "shadow_deny", reason.clone()),
-            (Verdict::Alert { reason }, Mode::Shadow) => note(policy, id, "shadow_alert", reason.clone()),
+            (Verdict::Deny { reason, .. }, Mode::Shadow) => {
+                note(policy, id, "shadow_deny", reason.clone())
+            }
+            (Verdict::Alert { reason }, Mode::Shadow) => {
+                note(policy, id, "shadow_alert", reason.clone())
+            }
             (Verdict::Downgrade { to, reason }, Mode::Enforce) => {
                 note(policy, id, "downgrade", reason.clone());
                 if entry.op.is_some() {
@@ -360,13 +408,15 @@ pub(crate) fn decide(set: &PolicySet, request: &Request, inputs: Inputs<'_>, opt
                 note(policy, id, "alert", reason.clone());
                 decision.alerts.push(alert(rule, reason));
             }
-            (Verdict::Downgrade { reason, .. }, Mode::Shadow) => note(policy, id, "shadow_downgrade", reason.clone()),
+            (Verdict::Downgrade { reason, .. }, Mode::Shadow) => {
+                note(policy, id, "shadow_downgrade", reason.clone())
+            }
         }
     }
     if !decision.allowed {
-        decision.retry_after_ms = decision.retry_after_ms.filter(|_| {
-            matches!(decision.code, Code::RateLimited)
-        });
+        decision.retry_after_ms = decision
+            .retry_after_ms
+            .filter(|_| matches!(decision.code, Code::RateLimited));
     } else {
         decision.retry_after_ms = None;
         if plan.lease.is_some() {
@@ -386,5 +436,8 @@ fn alert(rule: &Rule, reason: &str) -> Alert {
 }
 
 fn names(set: &PolicySet, matched: &[u32]) -> Vec<String> {
-    matched.iter().map(|&m| set.policies[m as usize].name.clone()).collect()
+    matched
+        .iter()
+        .map(|&m| set.policies[m as usize].name.clone())
+        .collect()
 }

@@ -73,7 +73,10 @@ impl Condition {
             Some(v) if self.patterns.is_match(v) => None,
             Some(v) => Some(format!("{} `{v}` does not match [{patterns}]", self.field)),
             None if self.patterns.matches_absent() => None,
-            None => Some(format!("the request has no {} (only `*` matches an absent field; patterns: [{patterns}])", self.field)),
+            None => Some(format!(
+                "the request has no {} (only `*` matches an absent field; patterns: [{patterns}])",
+                self.field
+            )),
         }
     }
 }
@@ -132,7 +135,11 @@ impl Matcher {
                 star,
             })
             .collect();
-        Matcher { conditions: conditions.to_vec(), fields, needed }
+        Matcher {
+            conditions: conditions.to_vec(),
+            fields,
+            needed,
+        }
     }
 
     /// Why a policy's `match` does not hold, condition by condition.
@@ -203,16 +210,28 @@ mod tests {
         let team_dim = Dimension::Subject(SubjectDim::Team);
         let policies = vec![
             vec![],
-            vec![cond(team_dim.clone(), &["free-*"]), cond(Dimension::Model, &["gpt-4?"])],
+            vec![
+                cond(team_dim.clone(), &["free-*"]),
+                cond(Dimension::Model, &["gpt-4?"]),
+            ],
             vec![cond(team_dim.clone(), &["*"])],
             vec![cond(team_dim.clone(), &["a*", "*a"])],
         ];
         let m = Matcher::new(&policies);
-        assert_eq!(m.matched(&team(Some("free-eu"), Some("gpt-4o"))), vec![0, 1, 2]);
-        assert_eq!(m.matched(&team(Some("free-eu"), Some("gpt-4-turbo"))), vec![0, 2]);
+        assert_eq!(
+            m.matched(&team(Some("free-eu"), Some("gpt-4o"))),
+            vec![0, 1, 2]
+        );
+        assert_eq!(
+            m.matched(&team(Some("free-eu"), Some("gpt-4-turbo"))),
+            vec![0, 2]
+        );
         assert_eq!(m.matched(&team(None, Some("gpt-4o"))), vec![0, 2]);
         assert_eq!(m.matched(&team(Some("aa"), None)), vec![0, 2, 3]);
-        assert_eq!(m.matched(&team(Some("Free-eu"), Some("gpt-4o"))), vec![0, 2]);
+        assert_eq!(
+            m.matched(&team(Some("Free-eu"), Some("gpt-4o"))),
+            vec![0, 2]
+        );
     }
 
     #[test]

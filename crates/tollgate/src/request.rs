@@ -247,7 +247,10 @@ mod tests {
 
     #[test]
     fn dimensions_parse() {
-        assert_eq!(Dimension::parse("user"), Some(Dimension::Subject(SubjectDim::User)));
+        assert_eq!(
+            Dimension::parse("user"),
+            Some(Dimension::Subject(SubjectDim::User))
+        );
         assert_eq!(Dimension::parse("labels."), None);
         assert_eq!(Dimension::parse("nope"), None);
     }

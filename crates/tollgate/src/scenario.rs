@@ -48,7 +48,11 @@ pub fn run_text(text: &str, load_file: FileLoader<'_>) -> Vec<Outcome> {
 }
 
 /// Runs every scenario of a text, each on a fresh ledger from `ledger`.
-pub fn run_text_with(text: &str, load_file: FileLoader<'_>, ledger: LedgerFactory<'_>) -> Vec<Outcome> {
+pub fn run_text_with(
+    text: &str,
+    load_file: FileLoader<'_>,
+    ledger: LedgerFactory<'_>,
+) -> Vec<Outcome> {
     match yaml::load_all(text) {
         Ok(docs) => docs
             .iter()
@@ -64,7 +68,9 @@ pub fn run_text_with(text: &str, load_file: FileLoader<'_>, ledger: LedgerFactor
 
 /// Each error as `LINE:COL: PATH: message`.
 fn errors_text(e: &crate::policy::diag::PolicyErrors) -> Vec<String> {
-    e.errors().map(|d| format!("{}:{}: {d}", d.line, d.column)).collect()
+    e.errors()
+        .map(|d| format!("{}:{}: {d}", d.line, d.column))
+        .collect()
 }
 
 fn parse_time(text: &str) -> Result<i64, String> {
@@ -73,22 +79,49 @@ fn parse_time(text: &str) -> Result<i64, String> {
         .map_err(|e| format!("bad time `{text}`: {e} (write RFC 3339, e.g. 2026-01-01T00:00:00Z)"))
 }
 
-fn run_scenario(doc: &Node, index: usize, load_file: FileLoader<'_>, ledger: LedgerFactory<'_>) -> Outcome {
+fn run_scenario(
+    doc: &Node,
+    index: usize,
+    load_file: FileLoader<'_>,
+    ledger: LedgerFactory<'_>,
+) -> Outcome {
     let name = doc
         .get("name")
         .and_then(Node::as_str)
         .map_or_else(|| format!("scenario #{}", index + 1), str::to_string);
-    let fail = |msg: String| Outcome { name: name.clone(), failures: vec![msg] };
-    const KEYS: &[&str] = &["name", "start", "policy", "policy_file", "steps", "expect_policy_error"];
+    let fail = |msg: String| Outcome {
+        name: name.clone(),
+        failures: vec![msg],
+    };
+    const KEYS: &[&str] = &[
+        "name",
+        "start",
+        "policy",
+        "policy_file",
+        "steps",
+        "expect_policy_error",
+    ];
     if let Value::Map(entries) = &doc.value {
-        if let Some((k, _)) = entries.iter().find(|(k, _)| !KEYS.contains(&k.name.as_str())) {
-            return fail(format!("line {}: unknown scenario field `{}` (expected one of: {})", k.pos.line, k.name, KEYS.join(", ")));
+        if let Some((k, _)) = entries
+            .iter()
+            .find(|(k, _)| !KEYS.contains(&k.name.as_str()))
+        {
+            return fail(format!(
+                "line {}: unknown scenario field `{}` (expected one of: {})",
+                k.pos.line,
+                k.name,
+                KEYS.join(", ")
+            ));
         }
     } else {
         return fail(format!("line {}: a scenario is a mapping", doc.pos.line));
     }
 
-    let start = match doc.get("start").map(|n| n.as_str().ok_or("`start` is an RFC 3339 string".to_string()).and_then(parse_time)) {
+    let start = match doc.get("start").map(|n| {
+        n.as_str()
+            .ok_or("`start` is an RFC 3339 string".to_string())
+            .and_then(parse_time)
+    }) {
         None => parse_time(DEFAULT_START).expect("valid default"),
         Some(Ok(t)) => t,
         Some(Err(e)) => return fail(e),
@@ -98,10 +131,15 @@ fn run_scenario(doc: &Node, index: usize, load_file: FileLoader<'_>, ledger: Led
 
     // A policy that cannot be read at all is a failure; one that is read but refused
     // (syntax or validation) is what `expect_policy_error` looks at.
-    let compiled: Result<PolicySet, Vec<String>> = match (doc.get("policy"), doc.get("policy_file")) {
-        (Some(p), None) => PolicySet::compile_tree(p, &Default::default()).map_err(|e| errors_text(&e)),
+    let compiled: Result<PolicySet, Vec<String>> = match (doc.get("policy"), doc.get("policy_file"))
+    {
+        (Some(p), None) => {
+            PolicySet::compile_tree(p, &Default::default()).map_err(|e| errors_text(&e))
+        }
         (None, Some(f)) => {
-            let Some(path) = f.as_str() else { return fail("`policy_file` is a path".into()) };
+            let Some(path) = f.as_str() else {
+                return fail("`policy_file` is a path".into());
+            };
             match load_file(path) {
                 Ok(text) => PolicySet::compile(&text).map_err(|e| errors_text(&e)),
                 Err(e) => return fail(e),
@@ -112,11 +150,22 @@ fn run_scenario(doc: &Node, index: usize, load_file: FileLoader<'_>, ledger: Led
     };
 
     if let Some(expect) = doc.get("expect_policy_error") {
-        let contains = expect.get("contains").and_then(Node::as_str).unwrap_or_default();
+        let contains = expect
+            .get("contains")
+            .and_then(Node::as_str)
+            .unwrap_or_default();
         return match compiled {
-            Ok(_) => fail(format!("expected the policy to be refused with an error containing {contains:?}, but it loaded")),
-            Err(errors) if errors.iter().any(|e| e.contains(contains)) => Outcome { name, failures: vec![] },
-            Err(errors) => fail(format!("expected a policy error containing {contains:?}, got: {}", errors.join(" | "))),
+            Ok(_) => fail(format!(
+                "expected the policy to be refused with an error containing {contains:?}, but it loaded"
+            )),
+            Err(errors) if errors.iter().any(|e| e.contains(contains)) => Outcome {
+                name,
+                failures: vec![],
+            },
+            Err(errors) => fail(format!(
+                "expected a policy error containing {contains:?}, got: {}",
+                errors.join(" | ")
+            )),
         };
     }
     let set = match compiled {
@@ -127,11 +176,20 @@ fn run_scenario(doc: &Node, index: usize, load_file: FileLoader<'_>, ledger: Led
     let Some(Value::Seq(steps)) = doc.get("steps").map(|n| &n.value) else {
         return fail("a scenario needs `steps` (a list) or `expect_policy_error`".into());
     };
-    let mut runner = Runner { engine, clock, last_allowed: None, leases: Vec::new(), failures: Vec::new() };
+    let mut runner = Runner {
+        engine,
+        clock,
+        last_allowed: None,
+        leases: Vec::new(),
+        failures: Vec::new(),
+    };
     for (i, step) in steps.iter().enumerate() {
         runner.step(i + 1, step);
     }
-    Outcome { name, failures: runner.failures }
+    Outcome {
+        name,
+        failures: runner.failures,
+    }
 }
 
 struct Runner {
@@ -143,8 +201,18 @@ struct Runner {
 }
 
 const STEP_KINDS: &[&str] = &[
-    "check", "acquire", "release", "record", "advance", "at", "create_run", "replace_policy",
-    "set_setting", "remove_setting", "settings", "usage",
+    "check",
+    "acquire",
+    "release",
+    "record",
+    "advance",
+    "at",
+    "create_run",
+    "replace_policy",
+    "set_setting",
+    "remove_setting",
+    "settings",
+    "usage",
 ];
 
 impl Runner {
@@ -154,13 +222,23 @@ impl Runner {
 
     fn step(&mut self, n: usize, step: &Node) {
         let Value::Map(entries) = &step.value else {
-            return self.failed(n, "?", format!("line {}: a step is a mapping", step.pos.line));
+            return self.failed(
+                n,
+                "?",
+                format!("line {}: a step is a mapping", step.pos.line),
+            );
         };
-        let kinds: Vec<&str> = entries.iter().map(|(k, _)| k.name.as_str()).filter(|k| STEP_KINDS.contains(k)).collect();
+        let kinds: Vec<&str> = entries
+            .iter()
+            .map(|(k, _)| k.name.as_str())
+            .filter(|k| STEP_KINDS.contains(k))
+            .collect();
         let extra: Vec<&str> = entries
             .iter()
             .map(|(k, _)| k.name.as_str())
-            .filter(|k| !STEP_KINDS.contains(k) && !["expect", "repeat", "explain", "ttl"].contains(k))
+            .filter(|k| {
+                !STEP_KINDS.contains(k) && !["expect", "repeat", "explain", "ttl"].contains(k)
+            })
             .collect();
         if kinds.len() != 1 || !extra.is_empty() {
             return self.failed(
@@ -183,7 +261,11 @@ impl Runner {
             Some(_) => return self.failed(n, kind, "`repeat` is a whole number >= 1".into()),
         };
         for rep in 0..repeat {
-            let label = if repeat > 1 { format!("{kind}, repetition {}", rep + 1) } else { kind.to_string() };
+            let label = if repeat > 1 {
+                format!("{kind}, repetition {}", rep + 1)
+            } else {
+                kind.to_string()
+            };
             let result = self.run_kind(kind, body, step);
             if let Err(msg) = check_expectation(result, expect.as_ref()) {
                 self.failed(n, &label, msg);
@@ -198,11 +280,19 @@ impl Runner {
     fn run_kind(&mut self, kind: &str, body: &Node, step: &Node) -> Result<Json, String> {
         match kind {
             "check" | "acquire" => {
-                let request: Request = serde_json::from_value(body.to_json()).map_err(|e| format!("bad request: {e}"))?;
-                let explain = matches!(step.get("explain").map(|n| &n.value), Some(Value::Bool(true)));
+                let request: Request = serde_json::from_value(body.to_json())
+                    .map_err(|e| format!("bad request: {e}"))?;
+                let explain = matches!(
+                    step.get("explain").map(|n| &n.value),
+                    Some(Value::Bool(true))
+                );
                 let decision = if kind == "acquire" {
                     let ttl = match step.get("ttl") {
-                        Some(t) => Some(t.as_str().and_then(Millis::parse).ok_or("`ttl` is a duration such as 30s")?),
+                        Some(t) => Some(
+                            t.as_str()
+                                .and_then(Millis::parse)
+                                .ok_or("`ttl` is a duration such as 30s")?,
+                        ),
                         None => None,
                     };
                     self.engine.acquire(&request, ttl, explain)
@@ -220,7 +310,9 @@ impl Runner {
                 serde_json::to_value(&decision).map_err(|e| e.to_string())
             }
             "release" => {
-                let which = body.as_str().ok_or("`release` is `last`, `all` or a lease id")?;
+                let which = body
+                    .as_str()
+                    .ok_or("`release` is `last`, `all` or a lease id")?;
                 let ids: Vec<String> = match which {
                     "last" => vec![self.leases.pop().ok_or("no lease to release")?],
                     "all" => std::mem::take(&mut self.leases),
@@ -239,12 +331,20 @@ impl Runner {
             }
             "record" => {
                 let cost = body.get("cost_usd").ok_or("`record` needs `cost_usd`")?;
-                let cost: Micros = serde_json::from_value(cost.to_json()).map_err(|e| format!("bad cost_usd: {e}"))?;
+                let cost: Micros = serde_json::from_value(cost.to_json())
+                    .map_err(|e| format!("bad cost_usd: {e}"))?;
                 let decision = match body.get("decision_id").and_then(Node::as_str) {
                     Some(id) => id.to_string(),
-                    None => self.last_allowed.clone().ok_or("no allowed decision to record against")?,
+                    None => self
+                        .last_allowed
+                        .clone()
+                        .ok_or("no allowed decision to record against")?,
                 };
-                match self.engine.record(&decision, cost).map_err(|e| e.to_string())? {
+                match self
+                    .engine
+                    .record(&decision, cost)
+                    .map_err(|e| e.to_string())?
+                {
                     RecordOutcome::Recorded => Ok(json!({"recorded": true, "duplicate": false})),
                     RecordOutcome::Duplicate => Ok(json!({"recorded": true, "duplicate": true})),
                     RecordOutcome::UnknownDecision => Err(format!("unknown decision `{decision}`")),
@@ -263,22 +363,32 @@ impl Runner {
                 let t = parse_time(body.as_str().ok_or("`at` is an RFC 3339 time")?)?;
                 let now = self.engine.now_ms();
                 if t < now {
-                    return Err(format!("`at` moves the clock backwards (from {})", crate::engine::rfc3339(now)));
+                    return Err(format!(
+                        "`at` moves the clock backwards (from {})",
+                        crate::engine::rfc3339(now)
+                    ));
                 }
                 self.clock.set(t);
                 Ok(json!({}))
             }
             "create_run" => {
-                let spec: RunSpec = serde_json::from_value(body.to_json()).map_err(|e| format!("bad run: {e}"))?;
+                let spec: RunSpec =
+                    serde_json::from_value(body.to_json()).map_err(|e| format!("bad run: {e}"))?;
                 let info = self.engine.create_run(spec).map_err(|e| e.to_string())?;
                 serde_json::to_value(info).map_err(|e| e.to_string())
             }
             "replace_policy" => {
-                let set = self.engine.compile_tree(body).map_err(|e| errors_text(&e).join("; "))?;
+                let set = self
+                    .engine
+                    .compile_tree(body)
+                    .map_err(|e| errors_text(&e).join("; "))?;
                 Ok(json!({"version": self.engine.install(set)}))
             }
             "set_setting" | "remove_setting" => {
-                let key = body.get("key").and_then(Node::as_str).ok_or("needs `key`")?;
+                let key = body
+                    .get("key")
+                    .and_then(Node::as_str)
+                    .ok_or("needs `key`")?;
                 let scope = body.get("scope").and_then(Node::as_str).unwrap_or("global");
                 let old = if kind == "set_setting" {
                     let value = body.get("value").ok_or("needs `value`")?.to_json();
@@ -291,7 +401,8 @@ impl Runner {
             }
             "settings" => {
                 let subject: Subject = match body.get("subject") {
-                    Some(s) => serde_json::from_value(s.to_json()).map_err(|e| format!("bad subject: {e}"))?,
+                    Some(s) => serde_json::from_value(s.to_json())
+                        .map_err(|e| format!("bad subject: {e}"))?,
                     None => Subject::default(),
                 };
                 let settings = self.engine.settings(&subject).map_err(|e| e.to_string())?;
@@ -314,16 +425,23 @@ fn check_expectation(result: Result<Json, String>, expect: Option<&Json>) -> Res
     let wants_error = expect.and_then(|e| e.get("error")).and_then(Json::as_str);
     match (result, wants_error) {
         (Err(e), Some(text)) if e.contains(text) => Ok(()),
-        (Err(e), Some(text)) => Err(format!("expected an error containing {text:?}, got error: {e}")),
+        (Err(e), Some(text)) => Err(format!(
+            "expected an error containing {text:?}, got error: {e}"
+        )),
         (Err(e), None) => Err(format!("error: {e}")),
-        (Ok(actual), Some(text)) => Err(format!("expected an error containing {text:?}, but it succeeded: {actual}")),
+        (Ok(actual), Some(text)) => Err(format!(
+            "expected an error containing {text:?}, but it succeeded: {actual}"
+        )),
         (Ok(_), None) if expect.is_none() => Ok(()),
         (Ok(actual), None) => {
             let expect = expect.expect("checked");
             if matches(expect, &actual) {
                 Ok(())
             } else {
-                Err(format!("expected {expect}, got {}", project(expect, &actual)))
+                Err(format!(
+                    "expected {expect}, got {}",
+                    project(expect, &actual)
+                ))
             }
         }
     }
@@ -333,8 +451,12 @@ fn check_expectation(result: Result<Json, String>, expect: Option<&Json>) -> Res
 /// element, money and numbers by value.
 pub(crate) fn matches(expected: &Json, actual: &Json) -> bool {
     match (expected, actual) {
-        (Json::Object(e), Json::Object(a)) => e.iter().all(|(k, v)| matches(v, a.get(k).unwrap_or(&Json::Null))),
-        (Json::Array(e), Json::Array(a)) => e.len() == a.len() && e.iter().zip(a).all(|(x, y)| matches(x, y)),
+        (Json::Object(e), Json::Object(a)) => e
+            .iter()
+            .all(|(k, v)| matches(v, a.get(k).unwrap_or(&Json::Null))),
+        (Json::Array(e), Json::Array(a)) => {
+            e.len() == a.len() && e.iter().zip(a).all(|(x, y)| matches(x, y))
+        }
         (Json::Null, Json::Null) => true,
         (e, a) if e == a => true,
         (e @ (Json::Number(_) | Json::String(_)), a @ (Json::Number(_) | Json::String(_))) => {
@@ -354,16 +476,23 @@ fn decimal(v: &Json) -> Option<i128> {
         Json::String(s) => s.clone(),
         _ => return None,
     };
-    let (neg, digits) = text.strip_prefix('-').map_or((false, text.as_str()), |r| (true, r));
+    let (neg, digits) = text
+        .strip_prefix('-')
+        .map_or((false, text.as_str()), |r| (true, r));
     let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
-    if int.is_empty() && frac.is_empty() || !int.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
+    if int.is_empty() && frac.is_empty()
+        || !int.bytes().all(|b| b.is_ascii_digit())
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+    {
         return None;
     }
     let frac = frac.trim_end_matches('0');
     if frac.len() > 12 || int.len() > 20 {
         return None;
     }
-    let scaled: i128 = format!("{}{:0<12}", if int.is_empty() { "0" } else { int }, frac).parse().ok()?;
+    let scaled: i128 = format!("{}{:0<12}", if int.is_empty() { "0" } else { int }, frac)
+        .parse()
+        .ok()?;
     Some(if neg { -scaled } else { scaled })
 }
 
@@ -390,9 +519,18 @@ mod tests {
         assert!(matches(&json!({"m": "0.5"}), &json!({"m": "0.500000"})));
         assert!(matches(&json!({"m": 0.2}), &json!({"m": 0.2})));
         assert!(matches(&json!({"n": 25}), &json!({"n": 25.0})));
-        assert!(!matches(&json!({"s": "gpt-4o"}), &json!({"s": "gpt-4o-mini"})));
-        assert!(matches(&json!([{"rule": "x"}]), &json!([{"rule": "x", "policy": "p"}])));
-        assert!(!matches(&json!([{"rule": "x"}]), &json!([{"rule": "x"}, {"rule": "y"}])));
+        assert!(!matches(
+            &json!({"s": "gpt-4o"}),
+            &json!({"s": "gpt-4o-mini"})
+        ));
+        assert!(matches(
+            &json!([{"rule": "x"}]),
+            &json!([{"rule": "x", "policy": "p"}])
+        ));
+        assert!(!matches(
+            &json!([{"rule": "x"}]),
+            &json!([{"rule": "x"}, {"rule": "y"}])
+        ));
         assert!(matches(&json!({"alerts": []}), &json!({"alerts": []})));
         assert!(matches(&json!({"x": null}), &json!({})));
         assert!(!matches(&json!({"x": true}), &json!({})));
@@ -404,16 +542,28 @@ mod tests {
         let out = run_text(text, &|_| Err("no files".into()));
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].failures.len(), 1, "{:?}", out[0].failures);
-        assert!(out[0].failures[0].contains("step 1 (check, repetition 2)"), "{:?}", out[0].failures);
+        assert!(
+            out[0].failures[0].contains("step 1 (check, repetition 2)"),
+            "{:?}",
+            out[0].failures
+        );
     }
 
     #[test]
     fn unknown_steps_and_fields_fail() {
-        let out = run_text("name: t\npolicy: {}\nsteps:\n  - chekc: {}\n", &|_| Err("x".into()));
+        let out = run_text("name: t\npolicy: {}\nsteps:\n  - chekc: {}\n", &|_| {
+            Err("x".into())
+        });
         assert!(!out[0].passed());
         let out = run_text("name: t\npolicy: {}\nstepz: []\n", &|_| Err("x".into()));
         assert!(!out[0].passed());
-        let out = run_text("name: t\npolicy: {}\nexpect_policy_error: {contains: x}\n", &|_| Err("x".into()));
-        assert!(!out[0].passed(), "a valid policy does not pass expect_policy_error");
+        let out = run_text(
+            "name: t\npolicy: {}\nexpect_policy_error: {contains: x}\n",
+            &|_| Err("x".into()),
+        );
+        assert!(
+            !out[0].passed(),
+            "a valid policy does not pass expect_policy_error"
+        );
     }
 }

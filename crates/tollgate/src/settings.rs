@@ -79,9 +79,18 @@ impl SettingDef {
             )
         };
         let (normalised, numeric) = match self.ty {
-            SettingType::String => (value.as_str().map(|_| value.clone()).ok_or_else(wrong)?, None),
-            SettingType::Bool => (value.as_bool().map(|_| value.clone()).ok_or_else(wrong)?, None),
-            SettingType::List => (value.as_array().map(|_| value.clone()).ok_or_else(wrong)?, None),
+            SettingType::String => (
+                value.as_str().map(|_| value.clone()).ok_or_else(wrong)?,
+                None,
+            ),
+            SettingType::Bool => (
+                value.as_bool().map(|_| value.clone()).ok_or_else(wrong)?,
+                None,
+            ),
+            SettingType::List => (
+                value.as_array().map(|_| value.clone()).ok_or_else(wrong)?,
+                None,
+            ),
             SettingType::Integer => {
                 let i = value.as_i64().ok_or_else(wrong)?;
                 (Value::from(i), Some(i as f64))
@@ -95,12 +104,16 @@ impl SettingDef {
             if let Some(min) = self.min
                 && n < min
             {
-                return Err(format!("setting `{key}`: {value} is below the minimum {min}"));
+                return Err(format!(
+                    "setting `{key}`: {value} is below the minimum {min}"
+                ));
             }
             if let Some(max) = self.max
                 && n > max
             {
-                return Err(format!("setting `{key}`: {value} is above the maximum {max}"));
+                return Err(format!(
+                    "setting `{key}`: {value} is above the maximum {max}"
+                ));
             }
         }
         Ok(normalised)
@@ -161,9 +174,7 @@ impl Scope {
 }
 
 fn bad_scope(text: &str) -> String {
-    format!(
-        "bad scope `{text}` (expected global, product:<id>, team:<id>, key:<id> or user:<id>)"
-    )
+    format!("bad scope `{text}` (expected global, product:<id>, team:<id>, key:<id> or user:<id>)")
 }
 
 impl fmt::Display for Scope {
@@ -302,9 +313,21 @@ mod tests {
         let num = def(SettingType::Number, json!(0.2), Some(0.0), Some(2.0));
         assert!(num.check(&json!(1)).is_ok());
         assert!(num.check(&json!("hot")).unwrap_err().contains("`k`"));
-        assert!(def(SettingType::Bool, json!(true), None, None).check(&json!(1)).is_err());
-        assert!(def(SettingType::List, json!([]), None, None).check(&json!(["a"])).is_ok());
-        assert!(def(SettingType::String, json!(""), None, None).check(&json!(["a"])).is_err());
+        assert!(
+            def(SettingType::Bool, json!(true), None, None)
+                .check(&json!(1))
+                .is_err()
+        );
+        assert!(
+            def(SettingType::List, json!([]), None, None)
+                .check(&json!(["a"]))
+                .is_ok()
+        );
+        assert!(
+            def(SettingType::String, json!(""), None, None)
+                .check(&json!(["a"]))
+                .is_err()
+        );
     }
 
     #[test]
@@ -321,8 +344,8 @@ mod tests {
     fn layers_apply_in_precedence_order() {
         let mut defs = BTreeMap::new();
         defs.insert("k".into(), def(SettingType::Integer, json!(1), None, None));
-        let layer_a = vec![("k".to_string(), json!(2))];
-        let layer_b = vec![("k".to_string(), json!(3))];
+        let layer_a = [("k".to_string(), json!(2))];
+        let layer_b = [("k".to_string(), json!(3))];
         let subject = Subject {
             team: Some("t".into()),
             user: Some("u".into()),

@@ -218,10 +218,14 @@ mod tests {
     fn positions_are_one_based() {
         let doc = load_one("a: 1\nb:\n  - x\n  - {c: true}\n").unwrap();
         let b = doc.get("b").unwrap();
-        let Value::Seq(items) = &b.value else { panic!() };
+        let Value::Seq(items) = &b.value else {
+            panic!()
+        };
         assert_eq!(items[0].pos, Pos { line: 3, column: 5 });
         assert_eq!(items[1].pos.line, 4);
-        let Value::Map(entries) = &doc.value else { panic!() };
+        let Value::Map(entries) = &doc.value else {
+            panic!()
+        };
         assert_eq!(entries[1].0.pos, Pos { line: 2, column: 1 });
     }
 

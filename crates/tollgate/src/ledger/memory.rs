@@ -70,7 +70,10 @@ struct Spend {
     events_sum: i64,
     /// Spend that fell out of every window but still counts for `total`.
     folded: i64,
-    reservations: Vec<Reservation>,
+    /// Live reservations in the order they were made (so by check time, and by expiry
+    /// while the TTL stays the same); recorded ones are zeroed in place.
+    reservations: VecDeque<Reservation>,
+    reserved_sum: i64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -98,12 +101,36 @@ impl Spend {
     }
 
     fn reserved_since(&mut self, window_start: i64, now: i64) -> i64 {
-        self.reservations.retain(|r| r.expires > now);
-        self.reservations
+        // Expire from the front: O(1) amortised. A reservation made under a longer TTL
+        // can hold back later ones for a while; that errs on the side of the limit.
+        while let Some(r) = self.reservations.front() {
+            if r.expires > now {
+                break;
+            }
+            self.reserved_sum -= r.amount;
+            self.reservations.pop_front();
+        }
+        // Reservations from before the window (a period that just turned) do not count.
+        let before: i64 = self
+            .reservations
             .iter()
-            .filter(|r| r.at >= window_start)
+            .take_while(|r| r.at < window_start)
             .map(|r| r.amount)
-            .sum()
+            .sum();
+        self.reserved_sum - before
+    }
+
+    fn reserve(&mut self, r: Reservation) {
+        self.reserved_sum += r.amount;
+        self.reservations.push_back(r);
+    }
+
+    /// Drops a decision's reservation (searching from the newest: records come soon).
+    fn unreserve(&mut self, decision: u128) {
+        if let Some(r) = self.reservations.iter_mut().rev().find(|r| r.decision == decision) {
+            self.reserved_sum -= r.amount;
+            r.amount = 0;
+        }
     }
 
     fn add_event(&mut self, at: i64, amount: i64) {
@@ -117,12 +144,20 @@ impl Spend {
     }
 
     /// When enough spend leaves the trailing window for `amount` to fit under `limit`.
-    fn retry_after(&self, window_start: i64, window_ms: i64, now: i64, used: i64, amount: i64, limit: i64) -> Option<u64> {
+    fn retry_after(
+        &self,
+        window_start: i64,
+        window_ms: i64,
+        now: i64,
+        used: i64,
+        amount: i64,
+        limit: i64,
+    ) -> Option<u64> {
         let mut items: Vec<(i64, i64)> = self
             .events
             .iter()
             .copied()
-            .chain(self.reservations.iter().map(|r| (r.at, r.amount)))
+            .chain(self.reservations.iter().filter(|r| r.amount > 0).map(|r| (r.at, r.amount)))
             .filter(|&(t, _)| t >= window_start)
             .collect();
         items.sort_unstable();
@@ -216,11 +251,26 @@ fn shard_of(id: u128) -> usize {
 /// What committing one operation changes.
 enum Effect {
     None,
-    Bucket { units: i128, last: i64, idle_at: i64 },
-    Fixed { window: i64, count: u64, idle_at: i64 },
-    SlidingPush { idle_at: i64 },
-    Reserve { amount: i64, window_ms: Option<i64> },
-    Sink { window_ms: i64 },
+    Bucket {
+        units: i128,
+        last: i64,
+        idle_at: i64,
+    },
+    Fixed {
+        window: i64,
+        count: u64,
+        idle_at: i64,
+    },
+    SlidingPush {
+        idle_at: i64,
+    },
+    Reserve {
+        amount: i64,
+        window_ms: Option<i64>,
+    },
+    Sink {
+        window_ms: i64,
+    },
     Lease,
 }
 
@@ -229,7 +279,9 @@ impl MemoryLedger {
     pub fn new() -> MemoryLedger {
         MemoryLedger {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
-            decisions: (0..SHARDS).map(|_| Mutex::new(Decisions::default())).collect(),
+            decisions: (0..SHARDS)
+                .map(|_| Mutex::new(Decisions::default()))
+                .collect(),
             leases: Mutex::new(HashMap::new()),
         }
     }
@@ -238,24 +290,43 @@ impl MemoryLedger {
         let mut idx: Vec<usize> = ids.map(shard_of).collect();
         idx.sort_unstable();
         idx.dedup();
-        idx.into_iter().map(|i| (i, self.shards[i].lock())).collect()
+        idx.into_iter()
+            .map(|i| (i, self.shards[i].lock()))
+            .collect()
     }
 }
 
 fn guard<'g, 'a>(guards: &'g mut [(usize, MutexGuard<'a, Shard>)], id: u128) -> &'g mut Shard {
     let i = shard_of(id);
-    let pos = guards.iter().position(|(s, _)| *s == i).expect("shard locked");
+    let pos = guards
+        .iter()
+        .position(|(s, _)| *s == i)
+        .expect("shard locked");
     &mut guards[pos].1
 }
 
 fn fresh_state(kind: &OpKind) -> State {
     match kind {
-        OpKind::Rate { algorithm: Algorithm::TokenBucket, burst, per_ms, .. } => State::Bucket {
+        OpKind::Rate {
+            algorithm: Algorithm::TokenBucket,
+            burst,
+            per_ms,
+            ..
+        } => State::Bucket {
             units: i128::from(*burst) * i128::from(*per_ms),
             last: i64::MIN,
         },
-        OpKind::Rate { algorithm: Algorithm::FixedWindow, .. } => State::Fixed { window: i64::MIN, count: 0 },
-        OpKind::Rate { algorithm: Algorithm::SlidingWindow, .. } => State::Sliding(VecDeque::new()),
+        OpKind::Rate {
+            algorithm: Algorithm::FixedWindow,
+            ..
+        } => State::Fixed {
+            window: i64::MIN,
+            count: 0,
+        },
+        OpKind::Rate {
+            algorithm: Algorithm::SlidingWindow,
+            ..
+        } => State::Sliding(VecDeque::new()),
         OpKind::Spend { .. } | OpKind::Forecast { .. } => State::Spend(Spend::default()),
         OpKind::Lease { .. } => State::Leases(Vec::new()),
     }
@@ -264,16 +335,38 @@ fn fresh_state(kind: &OpKind) -> State {
 fn state_fits(state: &State, kind: &OpKind) -> bool {
     matches!(
         (state, kind),
-        (State::Bucket { .. }, OpKind::Rate { algorithm: Algorithm::TokenBucket, .. })
-            | (State::Fixed { .. }, OpKind::Rate { algorithm: Algorithm::FixedWindow, .. })
-            | (State::Sliding(_), OpKind::Rate { algorithm: Algorithm::SlidingWindow, .. })
-            | (State::Spend(_), OpKind::Spend { .. } | OpKind::Forecast { .. })
-            | (State::Leases(_), OpKind::Lease { .. })
+        (
+            State::Bucket { .. },
+            OpKind::Rate {
+                algorithm: Algorithm::TokenBucket,
+                ..
+            }
+        ) | (
+            State::Fixed { .. },
+            OpKind::Rate {
+                algorithm: Algorithm::FixedWindow,
+                ..
+            }
+        ) | (
+            State::Sliding(_),
+            OpKind::Rate {
+                algorithm: Algorithm::SlidingWindow,
+                ..
+            }
+        ) | (
+            State::Spend(_),
+            OpKind::Spend { .. } | OpKind::Forecast { .. }
+        ) | (State::Leases(_), OpKind::Lease { .. })
     )
 }
 
 /// Live leases that a new lease counter must start from (its key was never seen, or swept).
-fn seed_leases(leases: &HashMap<u128, Lease>, key: &CounterKey<'_>, resource: &str, now: i64) -> Vec<(u128, Option<i64>)> {
+fn seed_leases(
+    leases: &HashMap<u128, Lease>,
+    key: &CounterKey<'_>,
+    resource: &str,
+    now: i64,
+) -> Vec<(u128, Option<i64>)> {
     leases
         .iter()
         .filter(|(_, l)| l.resource == resource && l.expires_at.is_none_or(|e| e > now))
@@ -290,24 +383,50 @@ fn seed_leases(leases: &HashMap<u128, Lease>, key: &CounterKey<'_>, resource: &s
 
 fn evaluate(counter: &mut Counter, op: &Op<'_>, now: i64) -> (OpResult, Effect) {
     match (&mut counter.state, &op.kind) {
-        (State::Bucket { units, last }, OpKind::Rate { limit, per_ms, burst, .. }) => {
+        (
+            State::Bucket { units, last },
+            OpKind::Rate {
+                limit,
+                per_ms,
+                burst,
+                ..
+            },
+        ) => {
             let capacity = i128::from(*burst) * i128::from(*per_ms);
             let cost = i128::from(*per_ms);
             let rate = i128::from(*limit);
-            let elapsed = if *last == i64::MIN { 0 } else { i128::from((now - *last).max(0)) };
+            let elapsed = if *last == i64::MIN {
+                0
+            } else {
+                i128::from((now - *last).max(0))
+            };
             let current = (*units + elapsed * rate).min(capacity);
             let used = ((capacity - current) / cost) as i64;
             if current >= cost {
                 let after = current - cost;
                 let idle_at = now + ((capacity - after + rate - 1) / rate) as i64;
                 (
-                    OpResult { granted: true, used, remaining: (after / cost) as i64, retry_after_ms: None },
-                    Effect::Bucket { units: after, last: now, idle_at },
+                    OpResult {
+                        granted: true,
+                        used,
+                        remaining: (after / cost) as i64,
+                        retry_after_ms: None,
+                    },
+                    Effect::Bucket {
+                        units: after,
+                        last: now,
+                        idle_at,
+                    },
                 )
             } else {
                 let wait = ((cost - current + rate - 1) / rate) as u64;
                 (
-                    OpResult { granted: false, used, remaining: 0, retry_after_ms: Some(wait.max(1)) },
+                    OpResult {
+                        granted: false,
+                        used,
+                        remaining: 0,
+                        retry_after_ms: Some(wait.max(1)),
+                    },
                     Effect::None,
                 )
             }
@@ -318,12 +437,26 @@ fn evaluate(counter: &mut Counter, op: &Op<'_>, now: i64) -> (OpResult, Effect) 
             let end = (current + 1) * per_ms;
             if taken < *limit {
                 (
-                    OpResult { granted: true, used: taken as i64, remaining: (*limit - taken - 1) as i64, retry_after_ms: None },
-                    Effect::Fixed { window: current, count: taken + 1, idle_at: end },
+                    OpResult {
+                        granted: true,
+                        used: taken as i64,
+                        remaining: (*limit - taken - 1) as i64,
+                        retry_after_ms: None,
+                    },
+                    Effect::Fixed {
+                        window: current,
+                        count: taken + 1,
+                        idle_at: end,
+                    },
                 )
             } else {
                 (
-                    OpResult { granted: false, used: taken as i64, remaining: 0, retry_after_ms: Some(((end - now) as u64).max(1)) },
+                    OpResult {
+                        granted: false,
+                        used: taken as i64,
+                        remaining: 0,
+                        retry_after_ms: Some(((end - now) as u64).max(1)),
+                    },
                     Effect::None,
                 )
             }
@@ -335,19 +468,40 @@ fn evaluate(counter: &mut Counter, op: &Op<'_>, now: i64) -> (OpResult, Effect) 
             let taken = stamps.len() as u64;
             if taken < *limit {
                 (
-                    OpResult { granted: true, used: taken as i64, remaining: (*limit - taken - 1) as i64, retry_after_ms: None },
-                    Effect::SlidingPush { idle_at: now + per_ms + 1 },
+                    OpResult {
+                        granted: true,
+                        used: taken as i64,
+                        remaining: (*limit - taken - 1) as i64,
+                        retry_after_ms: None,
+                    },
+                    Effect::SlidingPush {
+                        idle_at: now + per_ms + 1,
+                    },
                 )
             } else {
                 let oldest = stamps.front().copied().unwrap_or(now);
                 (
-                    OpResult { granted: false, used: taken as i64, remaining: 0, retry_after_ms: Some(((oldest + per_ms - now + 1) as u64).max(1)) },
+                    OpResult {
+                        granted: false,
+                        used: taken as i64,
+                        remaining: 0,
+                        retry_after_ms: Some(((oldest + per_ms - now + 1) as u64).max(1)),
+                    },
                     Effect::None,
                 )
             }
         }
-        (State::Spend(spend), OpKind::Spend { window_start, window_ms, limit, amount }) => {
-            let used = spend.recorded_since(*window_start) + spend.reserved_since(*window_start, now);
+        (
+            State::Spend(spend),
+            OpKind::Spend {
+                window_start,
+                window_ms,
+                limit,
+                amount,
+            },
+        ) => {
+            let used =
+                spend.recorded_since(*window_start) + spend.reserved_since(*window_start, now);
             let refused = crate::rules::budget::exceeds(Micros(used), *amount, *limit);
             // A refused non-enforcing operation still reserves when the plan commits.
             let reserves = !refused || !op.enforcing;
@@ -359,19 +513,40 @@ fn evaluate(counter: &mut Counter, op: &Op<'_>, now: i64) -> (OpResult, Effect) 
                 _ => None,
             };
             (
-                OpResult { granted: !refused, used, remaining, retry_after_ms },
-                Effect::Reserve { amount: amount.0, window_ms: *window_ms },
+                OpResult {
+                    granted: !refused,
+                    used,
+                    remaining,
+                    retry_after_ms,
+                },
+                Effect::Reserve {
+                    amount: amount.0,
+                    window_ms: *window_ms,
+                },
             )
         }
-        (State::Spend(spend), OpKind::Forecast { lookback_ms, monthly_budget }) => {
+        (
+            State::Spend(spend),
+            OpKind::Forecast {
+                lookback_ms,
+                monthly_budget,
+            },
+        ) => {
             let spent = i128::from(spend.recorded_since(now - lookback_ms));
             let lookback = i128::from(*lookback_ms);
             // projected = spent / (lookback in days) * 30, compared without rounding.
             let granted = spent * 30 * DAY_MS < i128::from(monthly_budget.0) * lookback;
             let projected = (spent * 30 * DAY_MS / lookback) as i64;
             (
-                OpResult { granted, used: projected, remaining: (monthly_budget.0 - projected).max(0), retry_after_ms: None },
-                Effect::Sink { window_ms: *lookback_ms },
+                OpResult {
+                    granted,
+                    used: projected,
+                    remaining: (monthly_budget.0 - projected).max(0),
+                    retry_after_ms: None,
+                },
+                Effect::Sink {
+                    window_ms: *lookback_ms,
+                },
             )
         }
         (State::Leases(live), OpKind::Lease { max, .. }) => {
@@ -379,7 +554,12 @@ fn evaluate(counter: &mut Counter, op: &Op<'_>, now: i64) -> (OpResult, Effect) 
             let n = live.len() as u64;
             let granted = n < *max;
             (
-                OpResult { granted, used: n as i64, remaining: max.saturating_sub(n + u64::from(granted)) as i64, retry_after_ms: None },
+                OpResult {
+                    granted,
+                    used: n as i64,
+                    remaining: max.saturating_sub(n + u64::from(granted)) as i64,
+                    retry_after_ms: None,
+                },
                 Effect::Lease,
             )
         }
@@ -390,7 +570,11 @@ fn evaluate(counter: &mut Counter, op: &Op<'_>, now: i64) -> (OpResult, Effect) 
 impl Ledger for MemoryLedger {
     fn apply(&self, plan: &Plan<'_>, mode: Apply) -> Result<Vec<OpResult>, LedgerError> {
         let now = plan.now;
-        let needs_leases = plan.lease.is_some() || plan.ops.iter().any(|o| matches!(o.kind, OpKind::Lease { .. }));
+        let needs_leases = plan.lease.is_some()
+            || plan
+                .ops
+                .iter()
+                .any(|o| matches!(o.kind, OpKind::Lease { .. }));
         let mut lease_table = needs_leases.then(|| self.leases.lock());
         let mut guards = self.lock_shards(plan.ops.iter().map(|o| o.key.id));
 
@@ -429,7 +613,11 @@ impl Ledger for MemoryLedger {
                 }
             }
         }
-        let blocked = plan.ops.iter().zip(&results).any(|(op, r)| op.enforcing && !r.granted);
+        let blocked = plan
+            .ops
+            .iter()
+            .zip(&results)
+            .any(|(op, r)| op.enforcing && !r.granted);
         if mode == Apply::DryRun || blocked {
             return Ok(results);
         }
@@ -440,12 +628,26 @@ impl Ledger for MemoryLedger {
             let shard = guard(&mut guards, op.key.id);
             let counter = shard.counters.get_mut(&op.key.id).expect("inserted above");
             match (effect, &mut counter.state) {
-                (Effect::Bucket { units: u, last: l, idle_at }, State::Bucket { units, last }) => {
+                (
+                    Effect::Bucket {
+                        units: u,
+                        last: l,
+                        idle_at,
+                    },
+                    State::Bucket { units, last },
+                ) => {
                     *units = u;
                     *last = l;
                     counter.idle_at = idle_at;
                 }
-                (Effect::Fixed { window: w, count: c, idle_at }, State::Fixed { window, count }) => {
+                (
+                    Effect::Fixed {
+                        window: w,
+                        count: c,
+                        idle_at,
+                    },
+                    State::Fixed { window, count },
+                ) => {
                     *window = w;
                     *count = c;
                     counter.idle_at = idle_at;
@@ -457,9 +659,15 @@ impl Ledger for MemoryLedger {
                 (Effect::Reserve { amount, window_ms }, State::Spend(spend)) => {
                     let expires = now + plan.reservation_ttl_ms;
                     if amount > 0 {
-                        spend.reservations.push(Reservation { decision: plan.decision, at: now, amount, expires });
+                        spend.reserve(Reservation {
+                            decision: plan.decision,
+                            at: now,
+                            amount,
+                            expires,
+                        });
                     }
-                    let horizon = window_ms.map_or(i64::MAX, |w| now.saturating_add(w).saturating_add(1));
+                    let horizon =
+                        window_ms.map_or(i64::MAX, |w| now.saturating_add(w).saturating_add(1));
                     counter.idle_at = counter.idle_at.max(horizon).max(expires);
                     sinks.push((op.key.id, Arc::clone(&counter.label)));
                 }
@@ -475,7 +683,11 @@ impl Ledger for MemoryLedger {
                         lease_keys.push(op.key.id);
                     }
                     // Idle once the last lease lapses (never, while one has no TTL).
-                    counter.idle_at = live.iter().map(|(_, e)| e.unwrap_or(i64::MAX)).max().unwrap_or(now);
+                    counter.idle_at = live
+                        .iter()
+                        .map(|(_, e)| e.unwrap_or(i64::MAX))
+                        .max()
+                        .unwrap_or(now);
                 }
                 _ => {}
             }
@@ -515,10 +727,18 @@ impl Ledger for MemoryLedger {
         Ok(results)
     }
 
-    fn spend_used(&self, key: &CounterKey<'_>, window_start: i64, now: i64) -> Result<Micros, LedgerError> {
+    fn spend_used(
+        &self,
+        key: &CounterKey<'_>,
+        window_start: i64,
+        now: i64,
+    ) -> Result<Micros, LedgerError> {
         let mut shard = self.shards[shard_of(key.id)].lock();
         Ok(match shard.counters.get_mut(&key.id) {
-            Some(Counter { state: State::Spend(spend), .. }) => {
+            Some(Counter {
+                state: State::Spend(spend),
+                ..
+            }) => {
                 Micros(spend.recorded_since(window_start) + spend.reserved_since(window_start, now))
             }
             _ => Micros::ZERO,
@@ -527,7 +747,11 @@ impl Ledger for MemoryLedger {
 
     fn record(&self, decision: u128, cost: Micros, now: i64) -> Result<RecordOutcome, LedgerError> {
         let mut decisions = self.decisions[shard_of(decision)].lock();
-        let Some(record) = decisions.map.get_mut(&decision).filter(|r| r.retain_until > now) else {
+        let Some(record) = decisions
+            .map
+            .get_mut(&decision)
+            .filter(|r| r.retain_until > now)
+        else {
             return Ok(RecordOutcome::UnknownDecision);
         };
         if record.recorded {
@@ -544,7 +768,7 @@ impl Ledger for MemoryLedger {
                 idle_at: now,
             });
             if let State::Spend(spend) = &mut counter.state {
-                spend.reservations.retain(|r| r.decision != decision);
+                spend.unreserve(decision);
                 if cost.0 != 0 {
                     spend.add_event(at, cost.0);
                 }
@@ -561,7 +785,12 @@ impl Ledger for MemoryLedger {
         let mut guards = self.lock_shards(l.keys.iter().copied());
         for id in &l.keys {
             let shard = guard(&mut guards, *id);
-            if let Some(Counter { state: State::Leases(live), idle_at, .. }) = shard.counters.get_mut(id) {
+            if let Some(Counter {
+                state: State::Leases(live),
+                idle_at,
+                ..
+            }) = shard.counters.get_mut(id)
+            {
                 live.retain(|(lid, _)| *lid != lease);
                 if live.is_empty() {
                     *idle_at = now;
@@ -581,12 +810,16 @@ impl Ledger for MemoryLedger {
         for shard in self.shards.iter() {
             let mut shard = shard.lock();
             for counter in shard.counters.values_mut() {
-                let State::Spend(spend) = &mut counter.state else { continue };
+                let State::Spend(spend) = &mut counter.state else {
+                    continue;
+                };
                 let label = &counter.label;
                 if filter.is_some_and(|(d, v)| !label.has(d, v)) {
                     continue;
                 }
-                let Some(window_start) = window_of(&label.policy, &label.rule) else { continue };
+                let Some(window_start) = window_of(&label.policy, &label.rule) else {
+                    continue;
+                };
                 out.push(SpendUsage {
                     policy: label.policy.clone(),
                     rule: label.rule.clone(),

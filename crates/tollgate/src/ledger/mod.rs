@@ -229,8 +229,12 @@ pub trait Ledger: Send + Sync {
     fn apply(&self, plan: &Plan<'_>, mode: Apply) -> Result<Vec<OpResult>, LedgerError>;
 
     /// Recorded spend plus live reservations of one counter since `window_start`.
-    fn spend_used(&self, key: &CounterKey<'_>, window_start: i64, now: i64)
-    -> Result<Micros, LedgerError>;
+    fn spend_used(
+        &self,
+        key: &CounterKey<'_>,
+        window_start: i64,
+        now: i64,
+    ) -> Result<Micros, LedgerError>;
 
     /// Replaces a decision's reservations by its actual cost (idempotent by decision).
     fn record(&self, decision: u128, cost: Micros, now: i64) -> Result<RecordOutcome, LedgerError>;

@@ -53,6 +53,17 @@ pub(crate) struct Policy {
     remove: Vec<String>,
 }
 
+/// The result of [`PolicySet::resolve`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolution<'a> {
+    /// Policies whose own `match` holds, in document order.
+    pub matched_policies: Vec<&'a str>,
+    /// Policies whose rules apply (matched chains), in evaluation order.
+    pub evaluation_order: Vec<&'a str>,
+    /// Guardrails, sorted.
+    pub guardrails: Vec<&'a str>,
+}
+
 /// A validated, compiled, immutable policy document.
 pub struct PolicySet {
     pub(crate) version: u64,
@@ -69,7 +80,10 @@ impl std::fmt::Debug for PolicySet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PolicySet")
             .field("version", &self.version)
-            .field("policies", &self.policies.iter().map(|p| &p.name).collect::<Vec<_>>())
+            .field(
+                "policies",
+                &self.policies.iter().map(|p| &p.name).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -133,6 +147,30 @@ impl PolicySet {
         self
     }
 
+    /// Scope resolution alone: the policies whose own `match` holds (document order),
+    /// the policies whose rules apply (evaluation order), and the guardrails (sorted).
+    pub fn resolve(&self, request: &crate::request::Request) -> Resolution<'_> {
+        let matched = self.matcher.matched(request);
+        let order = self.evaluation_order(&matched);
+        let name = |&i: &u32| self.policies[i as usize].name.as_str();
+        Resolution {
+            guardrails: self.guardrails(&matched),
+            matched_policies: matched.iter().map(name).collect(),
+            evaluation_order: order.iter().map(name).collect(),
+        }
+    }
+
+    /// The union of the matched policies' guardrails, sorted.
+    pub(crate) fn guardrails(&self, matched: &[u32]) -> Vec<&str> {
+        let mut out: Vec<&str> = matched
+            .iter()
+            .flat_map(|&m| self.policies[m as usize].guardrails.iter().map(String::as_str))
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// Finds a rule by policy name and id.
     pub(crate) fn rule(&self, policy: &str, id: &str) -> Option<&Rule> {
         self.policies
@@ -176,7 +214,9 @@ const POLICY: &[&str] = &[
     "settings",
     "rules",
 ];
-const MATCH: &[&str] = &["product", "team", "key", "user", "agent", "model", "action", "labels"];
+const MATCH: &[&str] = &[
+    "product", "team", "key", "user", "agent", "model", "action", "labels",
+];
 
 struct RawPolicy {
     name: Option<(String, Pos)>,
@@ -199,11 +239,17 @@ fn compile_node(root: &Node, custom: &Registry) -> Result<PolicySet, PolicyError
     if let Some(n) = get("version")
         && reader::integer(n, &top.field("version"), &mut d, 1).is_some_and(|v| v != 1)
     {
-        top.field("version")
-            .error(&mut d, n.pos, "unsupported document version (this tollgate reads version 1)");
+        top.field("version").error(
+            &mut d,
+            n.pos,
+            "unsupported document version (this tollgate reads version 1)",
+        );
     }
-    let settings = get("settings").map_or_else(BTreeMap::new, |n| setting_defs(n, &top.field("settings"), &mut d));
-    let pricing = get("pricing").map_or_else(HashMap::new, |n| pricing(n, &top.field("pricing"), &mut d));
+    let settings = get("settings").map_or_else(BTreeMap::new, |n| {
+        setting_defs(n, &top.field("settings"), &mut d)
+    });
+    let pricing =
+        get("pricing").map_or_else(HashMap::new, |n| pricing(n, &top.field("pricing"), &mut d));
     let known_guardrails: Option<HashSet<String>> = get("known_guardrails").and_then(|n| {
         reader::string_list(n, &top.field("known_guardrails"), &mut d)
             .map(|l| l.into_iter().map(|(s, _)| s).collect())
@@ -222,7 +268,11 @@ fn compile_node(root: &Node, custom: &Registry) -> Result<PolicySet, PolicyError
                 }
             }
             Value::Null => {}
-            _ => at.error(&mut d, n.pos, format!("expected a list of policies, found {}", n.kind())),
+            _ => at.error(
+                &mut d,
+                n.pos,
+                format!("expected a list of policies, found {}", n.kind()),
+            ),
         }
     }
 
@@ -270,7 +320,10 @@ fn compile_node(root: &Node, custom: &Registry) -> Result<PolicySet, PolicyError
         let first = cycle[0];
         raw[first].at.field("inherit").error(
             &mut d,
-            raw[first].inherit.first().map_or(raw[first].pos, |(_, p)| *p),
+            raw[first]
+                .inherit
+                .first()
+                .map_or(raw[first].pos, |(_, p)| *p),
             format!("inheritance cycle: {} -> {}", names.join(" -> "), names[0]),
         );
     }
@@ -287,7 +340,11 @@ fn compile_node(root: &Node, custom: &Registry) -> Result<PolicySet, PolicyError
                             *pos,
                             format!(
                                 "unknown guardrail `{g}` in {what} (known_guardrails: {})",
-                                names.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                                names
+                                    .iter()
+                                    .map(|s| s.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
                             ),
                         );
                     }
@@ -430,7 +487,8 @@ fn read_policy(
         Some(n) => reader::nonempty_string(n, &at.field("name"), d).map(|s| (s, n.pos)),
         None => {
             if fields.is_some() {
-                at.field("name").error(d, node.pos, "missing required field `name`");
+                at.field("name")
+                    .error(d, node.pos, "missing required field `name`");
             }
             None
         }
@@ -444,8 +502,12 @@ fn read_policy(
         .and_then(|n| reader::string_list(n, &at.field("inherit"), d))
         .unwrap_or_default();
     let conditions = get("match").map_or_else(Vec::new, |n| conditions(n, &at.field("match"), d));
-    let (add, remove) = get("guardrails").map_or_else(Default::default, |n| guardrails(n, &at.field("guardrails"), d));
-    let settings = get("settings").map_or_else(Vec::new, |n| policy_settings(n, &at.field("settings"), defs, d));
+    let (add, remove) = get("guardrails").map_or_else(Default::default, |n| {
+        guardrails(n, &at.field("guardrails"), d)
+    });
+    let settings = get("settings").map_or_else(Vec::new, |n| {
+        policy_settings(n, &at.field("settings"), defs, d)
+    });
     let mut rules = Vec::new();
     if let Some(n) = get("rules") {
         let rat = at.field("rules");
@@ -459,7 +521,9 @@ fn read_policy(
                             iat.field("id").error(
                                 d,
                                 item.get("id").map_or(item.pos, |n| n.pos),
-                                format!("duplicate rule id `{id}` in this policy (first at line {line})"),
+                                format!(
+                                    "duplicate rule id `{id}` in this policy (first at line {line})"
+                                ),
                             );
                         } else {
                             ids.insert(id.to_string(), item.pos.line);
@@ -471,7 +535,11 @@ fn read_policy(
                 }
             }
             Value::Null => {}
-            _ => rat.error(d, n.pos, format!("expected a list of rules, found {}", n.kind())),
+            _ => rat.error(
+                d,
+                n.pos,
+                format!("expected a list of rules, found {}", n.kind()),
+            ),
         }
     }
     RawPolicy {
@@ -497,7 +565,12 @@ fn conditions(node: &Node, at: &At, d: &mut Diags) -> Vec<Condition> {
         if key.name == "labels" {
             if let Some(labels) = reader::entries(value, &kat, d) {
                 for (label, pats) in labels {
-                    if let Some(c) = condition(Dimension::Label(label.name.clone()), pats, &kat.field(&label.name), d) {
+                    if let Some(c) = condition(
+                        Dimension::Label(label.name.clone()),
+                        pats,
+                        &kat.field(&label.name),
+                        d,
+                    ) {
                         out.push(c);
                     }
                 }
@@ -532,7 +605,11 @@ fn conditions(node: &Node, at: &At, d: &mut Diags) -> Vec<Condition> {
 fn condition(field: Dimension, node: &Node, at: &At, d: &mut Diags) -> Option<Condition> {
     let list = reader::string_list(node, at, d)?;
     if list.is_empty() {
-        at.error(d, node.pos, "an empty pattern list matches nothing; remove the key to match any value");
+        at.error(
+            d,
+            node.pos,
+            "an empty pattern list matches nothing; remove the key to match any value",
+        );
         return None;
     }
     let (patterns, positions): (Vec<String>, Vec<Pos>) = list.into_iter().unzip();
@@ -549,7 +626,10 @@ type GuardrailLists = (Vec<(String, Pos)>, Vec<(String, Pos)>);
 
 fn guardrails(node: &Node, at: &At, d: &mut Diags) -> GuardrailLists {
     match &node.value {
-        Value::Seq(_) => (reader::string_list(node, at, d).unwrap_or_default(), Vec::new()),
+        Value::Seq(_) => (
+            reader::string_list(node, at, d).unwrap_or_default(),
+            Vec::new(),
+        ),
         _ => {
             let Some(f) = reader::mapping(node, at, &["add", "remove"], d) else {
                 return Default::default();
@@ -571,32 +651,64 @@ fn setting_defs(node: &Node, at: &At, d: &mut Diags) -> BTreeMap<String, Setting
     };
     for (key, value) in entries {
         let kat = at.field(&key.name);
-        let Some(f) = reader::mapping(value, &kat, &["type", "default", "min", "max", "description"], d) else {
+        let Some(f) = reader::mapping(
+            value,
+            &kat,
+            &["type", "default", "min", "max", "description"],
+            d,
+        ) else {
             continue;
         };
         let ty = match f.get("type") {
-            Some(n) => reader::one_of(n, &kat.field("type"), d, &["string", "integer", "number", "bool", "list"])
-                .and_then(|t| SettingType::from_name(&t)),
+            Some(n) => reader::one_of(
+                n,
+                &kat.field("type"),
+                d,
+                &["string", "integer", "number", "bool", "list"],
+            )
+            .and_then(|t| SettingType::from_name(&t)),
             None => {
-                kat.field("type").error(d, value.pos, format!("setting `{}`: missing required field `type`", key.name));
+                kat.field("type").error(
+                    d,
+                    value.pos,
+                    format!("setting `{}`: missing required field `type`", key.name),
+                );
                 None
             }
         };
-        let bound = |name: &str, d: &mut Diags| f.get(name).and_then(|n| reader::number(n, &kat.field(name), d).map(|v| (v, n.pos)));
+        let bound = |name: &str, d: &mut Diags| {
+            f.get(name)
+                .and_then(|n| reader::number(n, &kat.field(name), d).map(|v| (v, n.pos)))
+        };
         let (min, max) = (bound("min", d), bound("max", d));
         if let (Some((lo, _)), Some((hi, pos))) = (min, max)
             && lo > hi
         {
-            kat.field("max").error(d, pos, format!("setting `{}`: max {hi} is below min {lo}", key.name));
+            kat.field("max").error(
+                d,
+                pos,
+                format!("setting `{}`: max {hi} is below min {lo}", key.name),
+            );
         }
         if let Some(ty) = ty
             && !matches!(ty, SettingType::Integer | SettingType::Number)
             && (min.is_some() || max.is_some())
         {
-            kat.error(d, value.pos, format!("setting `{}`: min/max only apply to integer and number settings", key.name));
+            kat.error(
+                d,
+                value.pos,
+                format!(
+                    "setting `{}`: min/max only apply to integer and number settings",
+                    key.name
+                ),
+            );
         }
         let Some(default) = f.get("default") else {
-            kat.field("default").error(d, value.pos, format!("setting `{}`: missing required field `default`", key.name));
+            kat.field("default").error(
+                d,
+                value.pos,
+                format!("setting `{}`: missing required field `default`", key.name),
+            );
             continue;
         };
         let Some(ty) = ty else { continue };
@@ -612,7 +724,9 @@ fn setting_defs(node: &Node, at: &At, d: &mut Diags) -> BTreeMap<String, Setting
                 def.default = v;
                 out.insert(key.name.clone(), def);
             }
-            Err(e) => kat.field("default").error(d, default.pos, format!("default: {e}")),
+            Err(e) => kat
+                .field("default")
+                .error(d, default.pos, format!("default: {e}")),
         }
     }
     out
@@ -634,7 +748,10 @@ fn policy_settings(
             None => kat.error(
                 d,
                 key.pos,
-                format!("setting `{}` is not defined in the top-level `settings`", key.name),
+                format!(
+                    "setting `{}` is not defined in the top-level `settings`",
+                    key.name
+                ),
             ),
             Some(def) => match def.check(&value.to_json()) {
                 Ok(v) => out.push((key.name.clone(), v, value.pos)),
@@ -658,7 +775,14 @@ fn pricing(node: &Node, at: &At, d: &mut Diags) -> HashMap<String, Price> {
         let price = |name: &str, d: &mut Diags| match f.get(name) {
             Some(n) => reader::money(n, &mat.field(name), d),
             None => {
-                mat.field(name).error(d, value.pos, format!("model `{}`: missing required field `{name}` (USD per 1M tokens)", model.name));
+                mat.field(name).error(
+                    d,
+                    value.pos,
+                    format!(
+                        "model `{}`: missing required field `{name}` (USD per 1M tokens)",
+                        model.name
+                    ),
+                );
                 None
             }
         };

@@ -111,7 +111,11 @@ pub(crate) fn entries<'n>(node: &'n Node, at: &At, d: &mut Diags) -> Option<&'n 
         Value::Map(entries) => Some(entries),
         Value::Null => Some(&[]),
         _ => {
-            at.error(d, node.pos, format!("expected a mapping, found {}", node.kind()));
+            at.error(
+                d,
+                node.pos,
+                format!("expected a mapping, found {}", node.kind()),
+            );
             None
         }
     }
@@ -124,7 +128,11 @@ pub(crate) fn string(node: &Node, at: &At, d: &mut Diags) -> Option<String> {
         // accepted in their text form (`team: [42]`).
         Value::Int(i) => Some(i.to_string()),
         _ => {
-            at.error(d, node.pos, format!("expected a string, found {}", node.kind()));
+            at.error(
+                d,
+                node.pos,
+                format!("expected a string, found {}", node.kind()),
+            );
             None
         }
     }
@@ -154,7 +162,11 @@ pub(crate) fn string_list(node: &Node, at: &At, d: &mut Diags) -> Option<Vec<(St
             ok.then_some(out)
         }
         _ => {
-            at.error(d, node.pos, format!("expected a list, found {}", node.kind()));
+            at.error(
+                d,
+                node.pos,
+                format!("expected a list, found {}", node.kind()),
+            );
             None
         }
     }
@@ -166,7 +178,11 @@ pub(crate) fn integer(node: &Node, at: &At, d: &mut Diags, min: i64) -> Option<i
         Value::Int(i) => *i,
         Value::Str(s) if s.trim().parse::<i64>().is_ok() => s.trim().parse().ok()?,
         _ => {
-            at.error(d, node.pos, format!("expected a whole number, found {}", node.kind()));
+            at.error(
+                d,
+                node.pos,
+                format!("expected a whole number, found {}", node.kind()),
+            );
             return None;
         }
     };
@@ -188,7 +204,11 @@ pub(crate) fn number(node: &Node, at: &At, d: &mut Diags) -> Option<f64> {
         Value::Int(i) => Some(*i as f64),
         Value::Float(f) => Some(*f),
         _ => {
-            at.error(d, node.pos, format!("expected a number, found {}", node.kind()));
+            at.error(
+                d,
+                node.pos,
+                format!("expected a number, found {}", node.kind()),
+            );
             None
         }
     }
@@ -227,7 +247,11 @@ pub(crate) fn duration(node: &Node, at: &At, d: &mut Diags) -> Option<Millis> {
         Value::Int(i) => i.to_string(),
         Value::Float(f) => f.to_string(),
         _ => {
-            at.error(d, node.pos, format!("expected a duration such as `10s`, found {}", node.kind()));
+            at.error(
+                d,
+                node.pos,
+                format!("expected a duration such as `10s`, found {}", node.kind()),
+            );
             return None;
         }
     };

@@ -11,8 +11,15 @@ fn errors(text: &str) -> Vec<Diagnostic> {
 
 /// The one error whose text contains `needle`, with its line and column.
 fn find(errs: &[Diagnostic], needle: &str) -> (u32, u32, String) {
-    let hits: Vec<_> = errs.iter().filter(|d| d.to_string().contains(needle)).collect();
-    assert_eq!(hits.len(), 1, "expected one error containing {needle:?} in {errs:#?}");
+    let hits: Vec<_> = errs
+        .iter()
+        .filter(|d| d.to_string().contains(needle))
+        .collect();
+    assert_eq!(
+        hits.len(),
+        1,
+        "expected one error containing {needle:?} in {errs:#?}"
+    );
     (hits[0].line, hits[0].column, hits[0].to_string())
 }
 
@@ -32,7 +39,10 @@ policies:
     assert_eq!(find(&errs, "teamz").1, 13);
     let (line, col, msg) = find(&errs, "parsecs");
     assert_eq!((line, col), (5, 44));
-    assert_eq!(msg, "policies[0].rules[0].per: rule `r` of policy `p`: bad duration `10 parsecs` (write a positive number with a unit: 500ms, 10s, 1m, 1h, 7d)");
+    assert_eq!(
+        msg,
+        "policies[0].rules[0].per: rule `r` of policy `p`: bad duration `10 parsecs` (write a positive number with a unit: 500ms, 10s, 1m, 1h, 7d)"
+    );
     assert_eq!(find(&errs, "duplicate rule id").0, 6);
     let (line, _, msg) = find(&errs, "limit_usd");
     assert_eq!(line, 6);
@@ -44,7 +54,9 @@ policies:
 
 #[test]
 fn json_documents_get_positions_too() {
-    let errs = errors("{\"policies\": [\n  {\"name\": \"p\", \"rules\": [{\"id\": \"r\", \"type\": \"rate\", \"limit\": 1, \"per\": \"x\"}]}\n]}");
+    let errs = errors(
+        "{\"policies\": [\n  {\"name\": \"p\", \"rules\": [{\"id\": \"r\", \"type\": \"rate\", \"limit\": 1, \"per\": \"x\"}]}\n]}",
+    );
     let (line, _, msg) = find(&errs, "bad duration");
     assert_eq!(line, 2);
     assert!(msg.starts_with("policies[0].rules[0].per"), "{msg}");
@@ -60,7 +72,9 @@ fn syntax_errors_are_located() {
 
 #[test]
 fn unknown_fields_everywhere() {
-    let errs = errors("polcies: []\npolicies: [{name: p, rulez: [], guardrails: {ad: [x]}}]\nsettings:\n  k: {type: string, default: x, descr: y}\npricing:\n  m: {input: 1, outptu: 2}\n");
+    let errs = errors(
+        "polcies: []\npolicies: [{name: p, rulez: [], guardrails: {ad: [x]}}]\nsettings:\n  k: {type: string, default: x, descr: y}\npricing:\n  m: {input: 1, outptu: 2}\n",
+    );
     for field in ["polcies", "rulez", "`ad`", "`descr`", "outptu"] {
         find(&errs, field);
     }
@@ -68,16 +82,23 @@ fn unknown_fields_everywhere() {
 
 #[test]
 fn rule_fields_must_belong_to_their_type() {
-    let errs = errors("policies: [{name: p, rules: [{id: b, type: budget, limit_usd: 1, period: day, burst: 5, colour: red}]}]");
+    let errs = errors(
+        "policies: [{name: p, rules: [{id: b, type: budget, limit_usd: 1, period: day, burst: 5, colour: red}]}]",
+    );
     let (_, _, msg) = find(&errs, "burst");
-    assert!(msg.contains("does not belong to rule type `budget`"), "{msg}");
+    assert!(
+        msg.contains("does not belong to rule type `budget`"),
+        "{msg}"
+    );
     let (_, _, msg) = find(&errs, "colour");
     assert!(msg.contains("unknown field `colour`"), "{msg}");
 }
 
 #[test]
 fn references_cycles_and_guardrails() {
-    let errs = errors("known_guardrails: [g]\npolicies:\n  - {name: a, inherit: [b], guardrails: [g, h]}\n  - {name: b, inherit: [c]}\n  - {name: c, inherit: [a]}\n  - {name: d, inherit: [zz], guardrails: {remove: [q]}}\n");
+    let errs = errors(
+        "known_guardrails: [g]\npolicies:\n  - {name: a, inherit: [b], guardrails: [g, h]}\n  - {name: b, inherit: [c]}\n  - {name: c, inherit: [a]}\n  - {name: d, inherit: [zz], guardrails: {remove: [q]}}\n",
+    );
     let (_, _, msg) = find(&errs, "cycle");
     assert!(msg.contains("a -> b -> c -> a"), "{msg}");
     find(&errs, "unknown parent policy `zz`");
@@ -93,7 +114,8 @@ fn self_inheritance_is_a_cycle() {
 
 #[test]
 fn settings_types_bounds_and_unknown_keys() {
-    let errs = errors("\
+    let errs = errors(
+        "\
 settings:
   n: {type: integer, default: 500, min: 1, max: 100}
   f: {type: number, default: 0.5, min: 1, max: 0}
@@ -104,7 +126,8 @@ settings:
   m: {type: string, default: x, min: 1}
 policies:
   - {name: p, settings: {undefined.key: 1}}
-");
+",
+    );
     let (line, col, msg) = find(&errs, "`n`");
     assert_eq!((line, col), (2, 31));
     assert!(msg.contains("above the maximum 100"), "{msg}");
@@ -119,7 +142,9 @@ policies:
 
 #[test]
 fn cel_that_does_not_compile_names_the_rule() {
-    let errs = errors("policies: [{name: p, rules: [{id: bad, type: expression, deny_if: 'labels.plan == '}, {id: w, type: downgrade, to: m, when: '((('}]}]");
+    let errs = errors(
+        "policies: [{name: p, rules: [{id: bad, type: expression, deny_if: 'labels.plan == '}, {id: w, type: downgrade, to: m, when: '((('}]}]",
+    );
     let (_, _, msg) = find(&errs, "rule `bad`");
     assert!(msg.contains("does not compile"), "{msg}");
     find(&errs, "rule `w`");
@@ -127,7 +152,9 @@ fn cel_that_does_not_compile_names_the_rule() {
 
 #[test]
 fn globs_and_match_keys() {
-    let errs = errors("policies: [{name: p, match: {team: ['[a-'], model: [], labels.: [x], labels: {plan: ['[']}}}]");
+    let errs = errors(
+        "policies: [{name: p, match: {team: ['[a-'], model: [], labels.: [x], labels: {plan: ['[']}}}]",
+    );
     find(&errs, "match.team[0]");
     find(&errs, "empty pattern list");
     find(&errs, "unknown match key `labels.`");
@@ -136,7 +163,8 @@ fn globs_and_match_keys() {
 
 #[test]
 fn rule_specific_checks() {
-    let errs = errors("\
+    let errs = errors(
+        "\
 policies:
   - name: p
     rules:
@@ -154,20 +182,30 @@ policies:
       - {id: l, type: forecast, monthly_budget_usd: abc}
       - {id: m, type: cost_velocity, limit_usd: 1}
       - {id: n, type: rate, limit: 1, per: 1s, by: [user, user]}
-");
+",
+    );
     find(&errs, "must be at least 1, found 0");
     find(&errs, "`leaky` is not one of");
     find(&errs, "`burst` only applies");
     find(&errs, "`overrides` give limits per value");
     find(&errs, "`alert_at` is a fraction");
     find(&errs, "`downgrade_to` only applies");
-    find(&errs, "rule `g` of policy `p`: missing required field `resource`");
-    find(&errs, "rule `h` of policy `p`: missing required field `label_keys`");
+    find(
+        &errs,
+        "rule `g` of policy `p`: missing required field `resource`",
+    );
+    find(
+        &errs,
+        "rule `h` of policy `p`: missing required field `label_keys`",
+    );
     find(&errs, "needs `deny` or `allow`");
     find(&errs, "`ALLOWED` is not one of");
     find(&errs, "`loud` is not one of");
     find(&errs, "`abc` is not a decimal amount");
-    find(&errs, "rule `m` of policy `p`: missing required field `window`");
+    find(
+        &errs,
+        "rule `m` of policy `p`: missing required field `window`",
+    );
     find(&errs, "dimension `user` is listed twice");
 }
 
@@ -176,13 +214,20 @@ fn warnings_do_not_refuse() {
     let set = PolicySet::compile("pricing: {gpt-4o: {input: 1, output: 2}}\npolicies: [{name: p, match: {model: [gpt-4o, claude-3, 'gpt-*']}, rules: [{id: w, type: downgrade, to: m, when: 'lables.x == 1'}]}]").unwrap();
     let w: Vec<String> = set.warnings().iter().map(|d| d.to_string()).collect();
     assert_eq!(w.len(), 2, "{w:?}");
-    assert!(w.iter().any(|w| w.contains("`claude-3` has no entry in `pricing`")), "{w:?}");
+    assert!(
+        w.iter()
+            .any(|w| w.contains("`claude-3` has no entry in `pricing`")),
+        "{w:?}"
+    );
     assert!(w.iter().any(|w| w.contains("`lables`")), "{w:?}");
 }
 
 #[test]
 fn pricing_is_exact_and_rounds_up() {
-    let p = Price { input: 2_500_000, output: 10_000_000 };
+    let p = Price {
+        input: 2_500_000,
+        output: 10_000_000,
+    };
     assert_eq!(p.cost(20_000, 5_000), Micros(100_000));
     assert_eq!(p.cost(1, 0), Micros(3)); // 2.5 micro-dollars, rounded up
     assert_eq!(p.cost(0, 0), Micros(0));
@@ -190,13 +235,16 @@ fn pricing_is_exact_and_rounds_up() {
 
 #[test]
 fn chains_and_guardrails_fold() {
-    let set = PolicySet::compile("\
+    let set = PolicySet::compile(
+        "\
 policies:
   - {name: a, guardrails: [g1, g2]}
   - {name: b, inherit: [a], guardrails: {add: [g3], remove: [g1]}}
   - {name: c, inherit: [b, a], guardrails: {add: [g1]}}
   - {name: d, inherit: [c, b]}
-").unwrap();
+",
+    )
+    .unwrap();
     let chain = |i: usize| set.policies[i].chain.clone();
     assert_eq!(chain(2), vec![0, 1, 2]);
     assert_eq!(chain(3), vec![0, 1, 2, 3]);

@@ -96,11 +96,13 @@ impl Access {
                 }
                 Verdict::Pass("every label is cleared".into())
             }
-            None if self.default_allow => Verdict::Pass(format!(
-                "{} {} has no clearance list: open by default",
-                self.subject,
-                who.map_or("(absent)".to_string(), |w| format!("`{w}`"))
-            )),
+            None if self.default_allow => super::pass(ctx.explain, || {
+                format!(
+                    "{} {} has no clearance list: open by default",
+                    self.subject,
+                    who.map_or("(absent)".to_string(), |w| format!("`{w}`"))
+                )
+            }),
             None => Verdict::Deny {
                 code: Code::PolicyDenied,
                 reason: format!(

@@ -59,7 +59,9 @@ impl Period {
             Period::Total => i64::MIN,
             Period::Rolling(w) => now - w.0,
             Period::Day => day(date),
-            Period::Week => day(date - chrono::Days::new(u64::from(date.weekday().num_days_from_monday()))),
+            Period::Week => {
+                day(date - chrono::Days::new(u64::from(date.weekday().num_days_from_monday())))
+            }
             Period::Month => day(date.with_day(1).unwrap_or(date)),
         }
     }
@@ -146,12 +148,17 @@ impl Budget {
         };
         let on_exceeded = match input.optional("on_exceeded") {
             None => Some(OnExceeded::Reject),
-            Some(n) => reader::one_of(n, &input.at("on_exceeded"), input.d, &["reject", "alert", "downgrade"])
-                .map(|s| match s.as_str() {
-                    "alert" => OnExceeded::Alert,
-                    "downgrade" => OnExceeded::Downgrade,
-                    _ => OnExceeded::Reject,
-                }),
+            Some(n) => reader::one_of(
+                n,
+                &input.at("on_exceeded"),
+                input.d,
+                &["reject", "alert", "downgrade"],
+            )
+            .map(|s| match s.as_str() {
+                "alert" => OnExceeded::Alert,
+                "downgrade" => OnExceeded::Downgrade,
+                _ => OnExceeded::Reject,
+            }),
         };
         let downgrade_to = input
             .optional("downgrade_to")
@@ -163,8 +170,14 @@ impl Budget {
                 "`on_exceeded: downgrade` needs `downgrade_to` (the model to use instead)",
             ),
             (Some(OnExceeded::Reject | OnExceeded::Alert), Some(_)) => {
-                let pos = input.optional("downgrade_to").map_or(input.fields.pos, |n| n.pos);
-                input.at("downgrade_to").error(input.d, pos, "`downgrade_to` only applies with `on_exceeded: downgrade`")
+                let pos = input
+                    .optional("downgrade_to")
+                    .map_or(input.fields.pos, |n| n.pos);
+                input.at("downgrade_to").error(
+                    input.d,
+                    pos,
+                    "`downgrade_to` only applies with `on_exceeded: downgrade`",
+                )
             }
             _ => {}
         }
@@ -244,7 +257,7 @@ impl Budget {
         })
     }
 
-    pub(crate) fn judge(&self, op: &Op<'_>, result: &OpResult) -> Verdict<'_> {
+    pub(crate) fn judge(&self, op: &Op<'_>, result: &OpResult, explain: bool) -> Verdict<'_> {
         let OpKind::Spend { limit, amount, .. } = op.kind else {
             return Verdict::Pass(String::new());
         };
@@ -281,7 +294,7 @@ impl Budget {
                 ),
             };
         }
-        Verdict::Pass(format!("{} USD left", Micros(result.remaining)))
+        super::pass(explain, || format!("{} USD left", Micros(result.remaining)))
     }
 }
 
@@ -295,7 +308,11 @@ pub(crate) fn alert_at(input: &mut RuleInput<'_, '_>) -> Option<Option<f64>> {
             if f > 0.0 && f <= 1.0 {
                 Some(Some(f))
             } else {
-                at.error(input.d, n.pos, format!("`alert_at` is a fraction of the limit in (0, 1], found {f}"));
+                at.error(
+                    input.d,
+                    n.pos,
+                    format!("`alert_at` is a fraction of the limit in (0, 1], found {f}"),
+                );
                 None
             }
         }
@@ -323,10 +340,19 @@ mod tests {
         assert_eq!(Period::Month.window_start(now), at("2024-02-01T00:00:00Z"));
         let monday = at("2026-03-02T00:00:00Z");
         assert_eq!(Period::Week.window_start(monday), monday);
-        assert_eq!(Period::Week.window_start(monday - 1), at("2026-02-23T00:00:00Z"));
-        assert_eq!(Period::Month.window_start(at("2026-01-01T00:00:00Z") - 1), at("2025-12-01T00:00:00Z"));
+        assert_eq!(
+            Period::Week.window_start(monday - 1),
+            at("2026-02-23T00:00:00Z")
+        );
+        assert_eq!(
+            Period::Month.window_start(at("2026-01-01T00:00:00Z") - 1),
+            at("2025-12-01T00:00:00Z")
+        );
         assert_eq!(Period::Total.window_start(now), i64::MIN);
-        assert_eq!(Period::parse("rolling:30d").unwrap().window_start(now), now - 30 * 86_400_000);
+        assert_eq!(
+            Period::parse("rolling:30d").unwrap().window_start(now),
+            now - 30 * 86_400_000
+        );
         assert_eq!(Period::parse("rolling:"), None);
         assert_eq!(Period::parse("year"), None);
     }

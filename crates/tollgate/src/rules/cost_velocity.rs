@@ -61,9 +61,9 @@ impl CostVelocity {
         self.limit
     }
 
-    pub(crate) fn judge(&self, op: &Op<'_>, result: &OpResult) -> Verdict<'static> {
+    pub(crate) fn judge(&self, op: &Op<'_>, result: &OpResult, explain: bool) -> Verdict<'static> {
         if result.granted {
-            return Verdict::Pass(format!("{} USD left", Micros(result.remaining)));
+            return super::pass(explain, || format!("{} USD left", Micros(result.remaining)));
         }
         let amount = match op.kind {
             OpKind::Spend { amount, .. } => amount,

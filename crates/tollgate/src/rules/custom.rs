@@ -61,8 +61,12 @@ pub trait CustomRule: Send + Sync {
     }
 
     /// Judges a request; `model` is the current model (after earlier downgrades).
-    fn check(&self, request: &Request, model: Option<&str>, params: &serde_json::Value)
-    -> CustomVerdict;
+    fn check(
+        &self,
+        request: &Request,
+        model: Option<&str>,
+        params: &serde_json::Value,
+    ) -> CustomVerdict;
 }
 
 /// The custom rule types known to an engine.

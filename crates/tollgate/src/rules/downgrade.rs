@@ -22,7 +22,7 @@ impl Downgrade {
     pub(crate) fn evaluate<'r>(&'r self, ctx: &mut EvalCtx<'_>) -> Verdict<'r> {
         match ctx.model() {
             None => Verdict::Skip("the request names no model".into()),
-            Some(m) if m == self.to => Verdict::Pass(format!("already `{m}`")),
+            Some(m) if m == self.to => Verdict::Pass(String::new()),
             Some(m) => Verdict::Downgrade {
                 to: &self.to,
                 reason: format!("model `{m}` downgraded to `{}`", self.to),

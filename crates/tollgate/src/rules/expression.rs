@@ -28,7 +28,12 @@ impl Expression {
                 n,
                 &input.at("code"),
                 input.d,
-                &["POLICY_DENIED", "RATE_LIMITED", "QUOTA_EXCEEDED", "BUDGET_EXCEEDED"],
+                &[
+                    "POLICY_DENIED",
+                    "RATE_LIMITED",
+                    "QUOTA_EXCEEDED",
+                    "BUDGET_EXCEEDED",
+                ],
             )
             .and_then(|c| Code::from_name(&c)),
         };
@@ -51,7 +56,7 @@ impl Expression {
                     .clone()
                     .unwrap_or_else(|| self.deny_if.source.clone()),
             },
-            Ok(false) => Verdict::Pass(format!("`{}` is false", self.deny_if.source)),
+            Ok(false) => super::pass(ctx.explain, || format!("`{}` is false", self.deny_if.source)),
             Err(e) => Verdict::Error(format!("{e} (counted as false)")),
         }
     }

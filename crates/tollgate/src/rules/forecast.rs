@@ -50,10 +50,10 @@ impl Forecast {
         }
     }
 
-    pub(crate) fn judge(&self, op: &Op<'_>, result: &OpResult) -> Verdict<'static> {
+    pub(crate) fn judge(&self, op: &Op<'_>, result: &OpResult, explain: bool) -> Verdict<'static> {
         let projected = Micros(result.used);
         if result.granted {
-            Verdict::Pass(format!("projected {projected} USD per 30 days"))
+            super::pass(explain, || format!("projected {projected} USD per 30 days"))
         } else {
             Verdict::Deny {
                 code: Code::BudgetExceeded,

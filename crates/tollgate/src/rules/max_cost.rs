@@ -32,7 +32,7 @@ impl MaxCost {
                 ),
             }
         } else {
-            Verdict::Pass(format!("estimate {estimate} USD within {} USD", self.limit))
+            super::pass(ctx.explain, || format!("estimate {estimate} USD within {} USD", self.limit))
         }
     }
 }

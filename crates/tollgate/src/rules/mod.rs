@@ -105,13 +105,13 @@ impl Rule {
     }
 
     /// Judges the ledger's answer to this rule's operation.
-    pub(crate) fn judge<'r>(&'r self, op: &Op<'_>, result: &OpResult) -> Verdict<'r> {
+    pub(crate) fn judge<'r>(&'r self, op: &Op<'_>, result: &OpResult, explain: bool) -> Verdict<'r> {
         match &self.kind {
-            RuleKind::Rate(r) => r.judge(op, result),
-            RuleKind::CostVelocity(r) => r.judge(op, result),
-            RuleKind::Budget(r) => r.judge(op, result),
-            RuleKind::Forecast(r) => r.judge(op, result),
-            RuleKind::Quota(r) => r.judge(op, result),
+            RuleKind::Rate(r) => r.judge(op, result, explain),
+            RuleKind::CostVelocity(r) => r.judge(op, result, explain),
+            RuleKind::Budget(r) => r.judge(op, result, explain),
+            RuleKind::Forecast(r) => r.judge(op, result, explain),
+            RuleKind::Quota(r) => r.judge(op, result, explain),
             _ => Verdict::Pass(String::new()),
         }
     }
@@ -132,6 +132,11 @@ impl Rule {
             RuleKind::Custom(c) => &c.type_name,
         }
     }
+}
+
+/// A passing verdict whose detail is only formatted when the decision is explained.
+pub(crate) fn pass(explain: bool, detail: impl FnOnce() -> String) -> Verdict<'static> {
+    Verdict::Pass(if explain { detail() } else { String::new() })
 }
 
 const COMMON: &[&str] = &["id", "type", "when", "mode"];
@@ -162,9 +167,11 @@ impl<'n> RuleInput<'n, '_> {
     pub(crate) fn required(&mut self, name: &str) -> Option<&'n Node> {
         let v = self.fields.get(name);
         if v.is_none() {
-            self.at
-                .field(name)
-                .error(self.d, self.fields.pos, format!("missing required field `{name}`"));
+            self.at.field(name).error(
+                self.d,
+                self.fields.pos,
+                format!("missing required field `{name}`"),
+            );
         }
         v
     }
@@ -195,7 +202,8 @@ pub(crate) fn dimensions(node: &Node, at: &At, d: &mut Diags) -> Option<Vec<Dime
         match Dimension::parse(name) {
             Some(dim) if !out.contains(&dim) => out.push(dim),
             Some(_) => {
-                at.index(i).error(d, *pos, format!("dimension `{name}` is listed twice"));
+                at.index(i)
+                    .error(d, *pos, format!("dimension `{name}` is listed twice"));
                 ok = false;
             }
             None => {
@@ -236,7 +244,8 @@ pub(crate) fn parse_rule(
     let type_name = match node.get("type") {
         Some(t) => reader::string(t, &at.field("type"), d)?,
         None => {
-            at.field("type").error(d, node.pos, "missing required field `type`");
+            at.field("type")
+                .error(d, node.pos, "missing required field `type`");
             return None;
         }
     };
@@ -249,7 +258,10 @@ pub(crate) fn parse_rule(
             at.field("type").error(
                 d,
                 node.get("type").map_or(node.pos, |n| n.pos),
-                format!("unknown rule type `{type_name}` (expected one of: {})", all.join(", ")),
+                format!(
+                    "unknown rule type `{type_name}` (expected one of: {})",
+                    all.join(", ")
+                ),
             );
             return None;
         }
@@ -270,7 +282,12 @@ pub(crate) fn parse_rule(
         let msg = if owners.is_empty() {
             format!(
                 "unknown field `{name}` (a `{type_name}` rule takes: {})",
-                COMMON.iter().chain(own_fields.iter()).copied().collect::<Vec<_>>().join(", ")
+                COMMON
+                    .iter()
+                    .chain(own_fields.iter())
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )
         } else {
             format!(
@@ -305,7 +322,9 @@ pub(crate) fn parse_rule(
     };
     let kind = match type_name.as_str() {
         "rate" => rate::Rate::parse(&mut input).map(RuleKind::Rate),
-        "cost_velocity" => cost_velocity::CostVelocity::parse(&mut input).map(RuleKind::CostVelocity),
+        "cost_velocity" => {
+            cost_velocity::CostVelocity::parse(&mut input).map(RuleKind::CostVelocity)
+        }
         "budget" => budget::Budget::parse(&mut input).map(RuleKind::Budget),
         "forecast" => forecast::Forecast::parse(&mut input).map(RuleKind::Forecast),
         "max_cost_per_request" => max_cost::MaxCost::parse(&mut input).map(RuleKind::MaxCost),
@@ -352,7 +371,11 @@ pub(crate) fn compile_expr(src: &str, node: &Node, at: &At, d: &mut Diags) -> Op
             Some(e)
         }
         Err(msg) => {
-            at.error(d, node.pos, format!("expression `{src}` does not compile: {msg}"));
+            at.error(
+                d,
+                node.pos,
+                format!("expression `{src}` does not compile: {msg}"),
+            );
             None
         }
     }

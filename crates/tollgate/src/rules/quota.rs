@@ -56,9 +56,14 @@ impl Quota {
         }
     }
 
-    pub(crate) fn judge(&self, op: &Op<'_>, result: &OpResult) -> Verdict<'static> {
+    pub(crate) fn judge(&self, op: &Op<'_>, result: &OpResult, explain: bool) -> Verdict<'static> {
         if result.granted {
-            Verdict::Pass(format!("{} of {} {} in use", result.used + 1, self.max, self.resource))
+            super::pass(explain, || format!(
+                "{} of {} {} in use",
+                result.used + 1,
+                self.max,
+                self.resource
+            ))
         } else {
             Verdict::Deny {
                 code: Code::QuotaExceeded,

@@ -1,11 +1,11 @@
 //! `rate`: requests per period — token bucket (default), fixed window, exact sliding window.
 
+use crate::decision::Code;
 use crate::duration::Millis;
 use crate::eval::EvalCtx;
 use crate::ledger::{Algorithm, Op, OpKind, OpResult};
 use crate::policy::reader;
 use crate::request::Dimension;
-use crate::decision::Code;
 
 use super::{RuleInput, Step, Verdict};
 
@@ -80,9 +80,9 @@ impl Rate {
         }
     }
 
-    pub(crate) fn judge(&self, op: &Op<'_>, result: &OpResult) -> Verdict<'static> {
+    pub(crate) fn judge(&self, op: &Op<'_>, result: &OpResult, explain: bool) -> Verdict<'static> {
         if result.granted {
-            Verdict::Pass(format!("{} left", result.remaining))
+            super::pass(explain, || format!("{} left", result.remaining))
         } else {
             Verdict::Deny {
                 code: Code::RateLimited,

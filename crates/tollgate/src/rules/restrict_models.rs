@@ -3,8 +3,8 @@
 use crate::decision::Code;
 use crate::eval::EvalCtx;
 use crate::matcher::Patterns;
-use crate::policy::reader::{self, At};
 use crate::policy::diag::Diags;
+use crate::policy::reader::{self, At};
 use crate::yaml::Node;
 
 use super::{RuleInput, Verdict};
@@ -22,7 +22,11 @@ fn patterns(node: &Node, at: &At, d: &mut Diags) -> Option<Patterns> {
     match Patterns::new(names) {
         Ok(p) => Some(p),
         Err((i, e)) => {
-            at.index(i).error(d, positions.get(i).copied().unwrap_or(node.pos), format!("bad glob: {e}"));
+            at.index(i).error(
+                d,
+                positions.get(i).copied().unwrap_or(node.pos),
+                format!("bad glob: {e}"),
+            );
             None
         }
     }
@@ -30,10 +34,18 @@ fn patterns(node: &Node, at: &At, d: &mut Diags) -> Option<Patterns> {
 
 impl RestrictModels {
     pub(crate) fn parse(input: &mut RuleInput<'_, '_>) -> Option<RestrictModels> {
-        let deny = input.optional("deny").map(|n| patterns(n, &input.at("deny"), input.d));
-        let allow = input.optional("allow").map(|n| patterns(n, &input.at("allow"), input.d));
+        let deny = input
+            .optional("deny")
+            .map(|n| patterns(n, &input.at("deny"), input.d));
+        let allow = input
+            .optional("allow")
+            .map(|n| patterns(n, &input.at("allow"), input.d));
         if deny.is_none() && allow.is_none() {
-            input.at("deny").error(input.d, input.fields.pos, "needs `deny` or `allow` (model globs)");
+            input.at("deny").error(
+                input.d,
+                input.fields.pos,
+                "needs `deny` or `allow` (model globs)",
+            );
             return None;
         }
         Some(RestrictModels {
@@ -43,6 +55,7 @@ impl RestrictModels {
     }
 
     pub(crate) fn evaluate(&self, ctx: &mut EvalCtx<'_>) -> Verdict<'static> {
+        let explain = ctx.explain;
         let Some(model) = ctx.model() else {
             return Verdict::Skip("the request names no model".into());
         };
@@ -51,7 +64,10 @@ impl RestrictModels {
         {
             return Verdict::Deny {
                 code: Code::PolicyDenied,
-                reason: format!("model `{model}` is not allowed (denied: {})", deny.source.join(", ")),
+                reason: format!(
+                    "model `{model}` is not allowed (denied: {})",
+                    deny.source.join(", ")
+                ),
             };
         }
         if let Some(allow) = &self.allow
@@ -59,9 +75,12 @@ impl RestrictModels {
         {
             return Verdict::Deny {
                 code: Code::PolicyDenied,
-                reason: format!("model `{model}` is not allowed (allowed: {})", allow.source.join(", ")),
+                reason: format!(
+                    "model `{model}` is not allowed (allowed: {})",
+                    allow.source.join(", ")
+                ),
             };
         }
-        Verdict::Pass(format!("model `{model}` is allowed"))
+        super::pass(explain, || format!("model `{model}` is allowed"))
     }
 }

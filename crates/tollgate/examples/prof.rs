@@ -1,0 +1,39 @@
+use std::sync::Arc;
+use std::time::Instant;
+use tollgate::{Engine, ManualClock, Micros, Request};
+fn main() {
+    let only = std::env::var("ONLY").ok();
+    let rules = [
+        "[]",
+        "[{id: rpm, type: rate, limit: 1000000, per: 1m, by: [user]}]",
+        "[{id: monthly, type: budget, limit_usd: 1000000, period: month, by: [user], alert_at: 0.9}]",
+        "[{id: velocity, type: cost_velocity, limit_usd: 1000000, window: 1h, by: [team]}]",
+        "[{id: forecast, type: forecast, monthly_budget_usd: 100000000, lookback: 7d}]",
+        "[{id: engines, type: quota, resource: engines, max: 10, by: [user]}]",
+        "[{id: access, type: access, label_keys: [input], clearances: {analyst: [public, internal]}}]",
+        "[{id: no-gpt4, type: restrict_models, deny: [\"gpt-4\"]}]",
+        "[{id: trial, type: downgrade, to: gpt-4o-mini, when: 'labels.plan == \"trial\"'}]",
+        "[{id: cap, type: max_cost_per_request, limit_usd: 5}]",
+        "[{id: huge, type: expression, deny_if: 'has(estimate.input_tokens) && estimate.input_tokens > 1000000'}]",
+    ];
+    let reqs: Vec<Request> = (0..100_000).map(|i| {
+        let mut r = Request::default();
+        r.subject.user = Some(format!("u{i}"));
+        r.subject.team = Some(format!("t{}", i % 100));
+        r.subject.agent = Some("analyst".into());
+        r.model = Some("gpt-4o".into());
+        r.labels.insert("input".into(), "public".into());
+        r.labels.insert("plan".into(), "pro".into());
+        r.estimate.cost_usd = Some(Micros(10));
+        r.estimate.input_tokens = Some(1000);
+        r
+    }).collect();
+    for r in rules.iter().filter(|r| only.as_deref().is_none_or(|o| r.contains(o))) {
+        let clock = Arc::new(ManualClock::new(1_767_225_600_000));
+        let e = Engine::builder().clock(clock).build_from_text(&format!("policies: [{{name: p, rules: {r}}}]")).unwrap();
+        let n = 300_000;
+        let t = Instant::now();
+        for i in 0..n { std::hint::black_box(e.check(&reqs[i % reqs.len()])); }
+        println!("{:>8.0} ns  {}", t.elapsed().as_nanos() as f64 / n as f64, &r[..r.len().min(60)]);
+    }
+}

@@ -1,0 +1,210 @@
+//! The library API: custom rules, settings, policy replacement, runs, explain.
+
+use std::sync::Arc;
+
+use serde_json::json;
+use tollgate::{Code, CustomRule, CustomVerdict, Engine, ManualClock, Request, RunSpec, Subject};
+
+fn request(json: serde_json::Value) -> Request {
+    serde_json::from_value(json).unwrap()
+}
+
+struct DenyUser;
+
+impl CustomRule for DenyUser {
+    fn validate(&self, params: &serde_json::Value) -> Result<(), String> {
+        params["user"]
+            .as_str()
+            .map(|_| ())
+            .ok_or_else(|| "`params.user` must be a string".to_string())
+    }
+    fn check(
+        &self,
+        request: &Request,
+        _: Option<&str>,
+        params: &serde_json::Value,
+    ) -> CustomVerdict {
+        if request.subject.user.as_deref() == params["user"].as_str() {
+            CustomVerdict::Deny {
+                code: Code::QuotaExceeded,
+                reason: "blocked user".into(),
+            }
+        } else {
+            CustomVerdict::Allow
+        }
+    }
+}
+
+#[test]
+fn custom_rules_are_validated_and_obey_when_and_modes() {
+    let builder = || Engine::builder().custom_rule("deny_user", DenyUser);
+    let err = builder()
+        .build_from_text(
+            "policies: [{name: p, rules: [{id: c, type: deny_user, params: {user: 3}}]}]",
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("`params.user` must be a string"),
+        "{err}"
+    );
+    let err = Engine::builder()
+        .build_from_text("policies: [{name: p, rules: [{id: c, type: deny_user}]}]")
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("unknown rule type `deny_user`"),
+        "{err}"
+    );
+
+    let engine = builder()
+        .build_from_text(
+            "policies: [{name: p, rules: [
+               {id: c, type: deny_user, params: {user: bad}, when: 'action == \"call\"'},
+               {id: soft, type: deny_user, params: {user: meh}, mode: alert}]}]",
+        )
+        .unwrap();
+    let d = engine.check(&request(
+        json!({"action": "call", "subject": {"user": "bad"}}),
+    ));
+    assert_eq!(
+        (d.allowed, d.code, d.rule.as_deref()),
+        (false, Code::QuotaExceeded, Some("c"))
+    );
+    assert!(
+        engine
+            .check(&request(
+                json!({"action": "other", "subject": {"user": "bad"}})
+            ))
+            .allowed
+    );
+    let d = engine.check(&request(json!({"subject": {"user": "meh"}})));
+    assert!(d.allowed);
+    assert_eq!(d.alerts[0].reason, "blocked user");
+}
+
+#[test]
+fn settings_overrides_are_checked_and_a_refusal_changes_nothing() {
+    let engine = Engine::builder()
+        .build_from_text("settings: {size: {type: integer, default: 8, min: 1, max: 64}}")
+        .unwrap();
+    let subject = Subject {
+        team: Some("t".into()),
+        ..Subject::default()
+    };
+    assert!(engine.set_setting("team:t", "size", json!(65)).is_err());
+    assert!(
+        engine
+            .set_setting("tema:t", "size", json!(6))
+            .unwrap_err()
+            .to_string()
+            .contains("bad scope")
+    );
+    assert!(
+        engine
+            .set_setting("global", "nope", json!(6))
+            .unwrap_err()
+            .to_string()
+            .contains("unknown setting `nope`")
+    );
+    assert!(engine.overrides().is_empty());
+    assert_eq!(
+        engine.set_setting("team:t", "size", json!(6)).unwrap(),
+        None
+    );
+    assert_eq!(
+        engine.set_setting("team:t", "size", json!(7)).unwrap(),
+        Some(json!(6))
+    );
+    let s = engine.settings(&subject).unwrap();
+    assert_eq!(
+        (s["size"].value.clone(), s["size"].source.as_str()),
+        (json!(7), "override:team:t")
+    );
+    // An override that a new policy version no longer admits stops applying.
+    engine
+        .replace_policy("settings: {size: {type: integer, default: 3, min: 1, max: 4}}")
+        .unwrap();
+    assert_eq!(engine.settings(&subject).unwrap()["size"].source, "default");
+}
+
+#[test]
+fn an_invalid_replacement_keeps_the_current_version() {
+    let engine = Engine::builder().build_from_text("policies: []").unwrap();
+    assert_eq!(engine.policy().version(), 1);
+    let err = engine
+        .replace_policy("policies: [{name: a}, {name: a}]")
+        .unwrap_err();
+    assert_eq!(err.errors().count(), 1);
+    assert_eq!(engine.policy().version(), 1);
+    assert_eq!(engine.replace_policy("policies: [{name: a}]").unwrap(), 2);
+    assert_eq!(engine.check(&Request::default()).policy_version, 2);
+}
+
+#[test]
+fn runs_freeze_the_policy_version() {
+    let clock = Arc::new(ManualClock::new(0));
+    let engine = Engine::builder()
+        .clock(clock)
+        .build_from_text(
+            "policies: [{name: p, rules: [{id: d, type: restrict_models, deny: [x]}]}]",
+        )
+        .unwrap();
+    let run = engine
+        .create_run(RunSpec {
+            id: Some("r".into()),
+            ..RunSpec::default()
+        })
+        .unwrap();
+    assert_eq!(run.policy_version, 1);
+    engine.replace_policy("policies: []").unwrap();
+    let in_run = request(json!({"model": "x", "subject": {"run": "r"}}));
+    assert_eq!(engine.check(&in_run).policy_version, 1);
+    assert!(!engine.check(&in_run).allowed);
+    assert!(engine.check(&request(json!({"model": "x"}))).allowed);
+    assert_eq!(engine.run("r").unwrap().id, "r");
+    let generated = engine.create_run(RunSpec::default()).unwrap();
+    assert_eq!(generated.policy_version, 2);
+    assert_ne!(generated.id, "r");
+}
+
+#[test]
+fn decision_ids_are_unique_and_record_refuses_garbage() {
+    let engine = Engine::builder().build_from_text("policies: []").unwrap();
+    let mut ids: Vec<String> = (0..1000)
+        .map(|_| engine.check(&Request::default()).decision_id)
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 1000);
+    assert!(engine.record("nope", tollgate::Micros(1)).is_err());
+}
+
+#[test]
+fn explain_traces_matching_rules_and_errors() {
+    let engine = Engine::builder()
+        .build_from_text(
+            "policies:\n  - {name: a, match: {team: [x]}}\n  - name: b\n    rules:\n      - {id: e, type: expression, deny_if: 'labels.nope == \"1\"'}\n      - {id: r, type: rate, limit: 1, per: 1m, by: [user]}\n",
+        )
+        .unwrap();
+    let d = engine.check_explained(&Request::default());
+    let outcomes: Vec<(Option<&str>, &str)> = d
+        .trace
+        .iter()
+        .map(|t| (t.rule.as_deref(), t.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            (None, "not_matched"),
+            (None, "matched"),
+            (Some("e"), "error"),
+            (Some("r"), "skip")
+        ]
+    );
+    assert!(
+        d.trace[0].detail.contains("the request has no team"),
+        "{:?}",
+        d.trace[0]
+    );
+    assert!(d.trace[3].detail.contains("no `user`"), "{:?}", d.trace[3]);
+    assert!(engine.check(&Request::default()).trace.is_empty());
+}
