@@ -56,7 +56,10 @@ fn requests() -> Vec<Request> {
 
 fn engine() -> Engine {
     let clock = Arc::new(ManualClock::new(1_767_225_600_000));
-    Engine::builder().clock(clock).build_from_text(POLICY).unwrap()
+    Engine::builder()
+        .clock(clock)
+        .build_from_text(POLICY)
+        .unwrap()
 }
 
 /// Runs `per_thread` calls of `f` on each of 2 threads and returns the wall time.
@@ -79,14 +82,17 @@ fn bench(c: &mut Criterion) {
     let reqs = requests();
     let engine = engine();
     assert!(engine.check(&reqs[0]).allowed);
-    let baseline: DashMap<u64, AtomicU64> = (0..USERS as u64).map(|i| (i, AtomicU64::new(0))).collect();
+    let baseline: DashMap<u64, AtomicU64> =
+        (0..USERS as u64).map(|i| (i, AtomicU64::new(0))).collect();
 
     let mut g = c.benchmark_group("decision");
     let mut i = 0;
     g.bench_function("baseline-dashmap-increment", |b| {
         b.iter(|| {
             i = (i + 1) % USERS;
-            baseline.get(&(i as u64)).map(|v| v.fetch_add(1, Ordering::Relaxed))
+            baseline
+                .get(&(i as u64))
+                .map(|v| v.fetch_add(1, Ordering::Relaxed))
         })
     });
     let mut i = 0;
@@ -100,7 +106,9 @@ fn bench(c: &mut Criterion) {
         b.iter_custom(|iters| {
             two_threads(iters.div_ceil(2), |k| {
                 let key = k % USERS as u64;
-                baseline.get(&key).map(|v| v.fetch_add(1, Ordering::Relaxed));
+                baseline
+                    .get(&key)
+                    .map(|v| v.fetch_add(1, Ordering::Relaxed));
             })
         })
     });
@@ -112,7 +120,9 @@ fn bench(c: &mut Criterion) {
         })
     });
     g.finish();
-    eprintln!("decision: {STATEFUL} stateful rules apply to each plain check (quota applies to acquire only)");
+    eprintln!(
+        "decision: {STATEFUL} stateful rules apply to each plain check (quota applies to acquire only)"
+    );
 }
 
 criterion_group!(benches, bench);

@@ -20,7 +20,11 @@ fn policy_text(n: usize) -> String {
             2 => format!("{{user: [\"u{i}\", \"admin-{i}\"], labels.plan: [free]}}"),
             _ => format!("{{key: [\"k{}?\"], agent: [\"*-{}\"]}}", i % 50, i % 7),
         };
-        s.push_str(&format!("    match: {scope}\n    guardrails: {{add: [g{}], remove: [g{}]}}\n", i % 13, (i + 1) % 13));
+        s.push_str(&format!(
+            "    match: {scope}\n    guardrails: {{add: [g{}], remove: [g{}]}}\n",
+            i % 13,
+            (i + 1) % 13
+        ));
     }
     s
 }
@@ -36,10 +40,25 @@ fn requests(n: usize) -> Vec<Request> {
                 _ => "other".into(),
             });
             r.subject.user = Some(format!("u{}", rng.random_range(0..1000)));
-            r.subject.key = Some(format!("k{}{}", rng.random_range(0..50), rng.random_range(0..10)));
+            r.subject.key = Some(format!(
+                "k{}{}",
+                rng.random_range(0..50),
+                rng.random_range(0..10)
+            ));
             r.subject.agent = Some(format!("a-{}", rng.random_range(0..7)));
-            r.model = Some(if rng.random_bool(0.5) { "gpt-4o".into() } else { "claude-3".into() });
-            r.labels.insert("plan".into(), if rng.random_bool(0.5) { "free".into() } else { "pro".into() });
+            r.model = Some(if rng.random_bool(0.5) {
+                "gpt-4o".into()
+            } else {
+                "claude-3".into()
+            });
+            r.labels.insert(
+                "plan".into(),
+                if rng.random_bool(0.5) {
+                    "free".into()
+                } else {
+                    "pro".into()
+                },
+            );
             r
         })
         .collect()
@@ -48,8 +67,14 @@ fn requests(n: usize) -> Vec<Request> {
 fn bench(c: &mut Criterion) {
     let set = PolicySet::compile(&policy_text(1000)).unwrap();
     let reqs = requests(1024);
-    let matched: usize = reqs.iter().map(|r| set.resolve(r).matched_policies.len()).sum();
-    eprintln!("resolve: 1000 policies, {:.1} matched per request on average", matched as f64 / reqs.len() as f64);
+    let matched: usize = reqs
+        .iter()
+        .map(|r| set.resolve(r).matched_policies.len())
+        .sum();
+    eprintln!(
+        "resolve: 1000 policies, {:.1} matched per request on average",
+        matched as f64 / reqs.len() as f64
+    );
     let mut i = 0;
     c.bench_function("resolve/1000-policies", |b| {
         b.iter(|| {

@@ -16,24 +16,38 @@ fn main() {
         "[{id: cap, type: max_cost_per_request, limit_usd: 5}]",
         "[{id: huge, type: expression, deny_if: 'has(estimate.input_tokens) && estimate.input_tokens > 1000000'}]",
     ];
-    let reqs: Vec<Request> = (0..100_000).map(|i| {
-        let mut r = Request::default();
-        r.subject.user = Some(format!("u{i}"));
-        r.subject.team = Some(format!("t{}", i % 100));
-        r.subject.agent = Some("analyst".into());
-        r.model = Some("gpt-4o".into());
-        r.labels.insert("input".into(), "public".into());
-        r.labels.insert("plan".into(), "pro".into());
-        r.estimate.cost_usd = Some(Micros(10));
-        r.estimate.input_tokens = Some(1000);
-        r
-    }).collect();
-    for r in rules.iter().filter(|r| only.as_deref().is_none_or(|o| r.contains(o))) {
+    let reqs: Vec<Request> = (0..100_000)
+        .map(|i| {
+            let mut r = Request::default();
+            r.subject.user = Some(format!("u{i}"));
+            r.subject.team = Some(format!("t{}", i % 100));
+            r.subject.agent = Some("analyst".into());
+            r.model = Some("gpt-4o".into());
+            r.labels.insert("input".into(), "public".into());
+            r.labels.insert("plan".into(), "pro".into());
+            r.estimate.cost_usd = Some(Micros(10));
+            r.estimate.input_tokens = Some(1000);
+            r
+        })
+        .collect();
+    for r in rules
+        .iter()
+        .filter(|r| only.as_deref().is_none_or(|o| r.contains(o)))
+    {
         let clock = Arc::new(ManualClock::new(1_767_225_600_000));
-        let e = Engine::builder().clock(clock).build_from_text(&format!("policies: [{{name: p, rules: {r}}}]")).unwrap();
+        let e = Engine::builder()
+            .clock(clock)
+            .build_from_text(&format!("policies: [{{name: p, rules: {r}}}]"))
+            .unwrap();
         let n = 300_000;
         let t = Instant::now();
-        for i in 0..n { std::hint::black_box(e.check(&reqs[i % reqs.len()])); }
-        println!("{:>8.0} ns  {}", t.elapsed().as_nanos() as f64 / n as f64, &r[..r.len().min(60)]);
+        for i in 0..n {
+            std::hint::black_box(e.check(&reqs[i % reqs.len()]));
+        }
+        println!(
+            "{:>8.0} ns  {}",
+            t.elapsed().as_nanos() as f64 / n as f64,
+            &r[..r.len().min(60)]
+        );
     }
 }

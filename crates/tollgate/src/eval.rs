@@ -165,7 +165,11 @@ pub(crate) fn decide(
         }
     }
     let order = set.evaluation_order(&matched);
-    let guardrails: Vec<String> = set.guardrails(&matched).into_iter().map(str::to_string).collect();
+    let guardrails: Vec<String> = set
+        .guardrails(&matched)
+        .into_iter()
+        .map(str::to_string)
+        .collect();
 
     let mut ctx = EvalCtx {
         request,

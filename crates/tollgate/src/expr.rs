@@ -102,9 +102,19 @@ pub(crate) fn context(request: &Request, model: Option<&str>) -> Context<'static
 }
 
 /// Binds the variables in `mask` (bits of [`VARIABLES`]), with `model` the current model.
-pub(crate) fn bind(ctx: &mut Context<'static, 'static>, request: &Request, model: Option<&str>, mask: u8) {
+pub(crate) fn bind(
+    ctx: &mut Context<'static, 'static>,
+    request: &Request,
+    model: Option<&str>,
+    mask: u8,
+) {
     let s = |v: Option<&str>| Value::String(Arc::new(v.unwrap_or_default().to_string()));
-    let has = |name: &str| VARIABLES.iter().position(|v| *v == name).is_some_and(|i| mask & (1 << i) != 0);
+    let has = |name: &str| {
+        VARIABLES
+            .iter()
+            .position(|v| *v == name)
+            .is_some_and(|i| mask & (1 << i) != 0)
+    };
     if has("action") {
         ctx.add_variable_from_value("action", s(request.action.as_deref()));
     }
@@ -246,13 +256,20 @@ mod tests {
     }
 
     #[test]
-    fn model_can_be_rebound() {
-        let r = req(r#"{"model":"gpt-4o"}"#);
-        let mut ctx = context(&r, r.model.as_deref());
-        set_model(&mut ctx, Some("mini"));
-        assert_eq!(
-            Expr::compile("model == 'mini'").unwrap().eval_bool(&ctx),
-            Ok(true)
+    fn only_referenced_variables_are_bound() {
+        let e = Expr::compile("estimate.cost_usd > 1 && model == 'm'").unwrap();
+        assert_eq!(e.vars, (1 << 4) | MODEL);
+        let r = req(r#"{"model":"m","estimate":{"cost_usd":2},"labels":{"a":"b"}}"#);
+        let mut ctx = empty_context();
+        bind(&mut ctx, &r, r.model.as_deref(), e.vars);
+        assert_eq!(e.eval_bool(&ctx), Ok(true));
+        assert!(
+            Expr::compile("labels.a == 'b'")
+                .unwrap()
+                .eval_bool(&ctx)
+                .is_err()
         );
+        bind(&mut ctx, &r, Some("other"), MODEL);
+        assert_eq!(e.eval_bool(&ctx), Ok(false));
     }
 }

@@ -57,7 +57,7 @@ pub use decision::{Alert, Code, Decision, Remaining, TraceEntry};
 pub use engine::{Engine, EngineBuilder, EngineError, RunInfo, RunSpec, UsageItem, rfc3339};
 pub use ledger::{Ledger, MemoryLedger, RecordOutcome};
 pub use money::Micros;
-pub use policy::{PolicySet, Resolution};
 pub use policy::diag::{Diagnostic, PolicyErrors, Severity};
+pub use policy::{PolicySet, Resolution};
 pub use request::{Estimate, Request, Subject};
 pub use rules::{CustomRule, CustomVerdict};

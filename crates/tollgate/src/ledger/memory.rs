@@ -127,7 +127,12 @@ impl Spend {
 
     /// Drops a decision's reservation (searching from the newest: records come soon).
     fn unreserve(&mut self, decision: u128) {
-        if let Some(r) = self.reservations.iter_mut().rev().find(|r| r.decision == decision) {
+        if let Some(r) = self
+            .reservations
+            .iter_mut()
+            .rev()
+            .find(|r| r.decision == decision)
+        {
             self.reserved_sum -= r.amount;
             r.amount = 0;
         }
@@ -157,7 +162,12 @@ impl Spend {
             .events
             .iter()
             .copied()
-            .chain(self.reservations.iter().filter(|r| r.amount > 0).map(|r| (r.at, r.amount)))
+            .chain(
+                self.reservations
+                    .iter()
+                    .filter(|r| r.amount > 0)
+                    .map(|r| (r.at, r.amount)),
+            )
             .filter(|&(t, _)| t >= window_start)
             .collect();
         items.sort_unstable();

@@ -164,7 +164,12 @@ impl PolicySet {
     pub(crate) fn guardrails(&self, matched: &[u32]) -> Vec<&str> {
         let mut out: Vec<&str> = matched
             .iter()
-            .flat_map(|&m| self.policies[m as usize].guardrails.iter().map(String::as_str))
+            .flat_map(|&m| {
+                self.policies[m as usize]
+                    .guardrails
+                    .iter()
+                    .map(String::as_str)
+            })
             .collect();
         out.sort_unstable();
         out.dedup();

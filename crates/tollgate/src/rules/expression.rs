@@ -56,7 +56,9 @@ impl Expression {
                     .clone()
                     .unwrap_or_else(|| self.deny_if.source.clone()),
             },
-            Ok(false) => super::pass(ctx.explain, || format!("`{}` is false", self.deny_if.source)),
+            Ok(false) => super::pass(ctx.explain, || {
+                format!("`{}` is false", self.deny_if.source)
+            }),
             Err(e) => Verdict::Error(format!("{e} (counted as false)")),
         }
     }

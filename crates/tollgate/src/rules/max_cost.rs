@@ -32,7 +32,9 @@ impl MaxCost {
                 ),
             }
         } else {
-            super::pass(ctx.explain, || format!("estimate {estimate} USD within {} USD", self.limit))
+            super::pass(ctx.explain, || {
+                format!("estimate {estimate} USD within {} USD", self.limit)
+            })
         }
     }
 }

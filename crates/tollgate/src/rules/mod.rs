@@ -105,7 +105,12 @@ impl Rule {
     }
 
     /// Judges the ledger's answer to this rule's operation.
-    pub(crate) fn judge<'r>(&'r self, op: &Op<'_>, result: &OpResult, explain: bool) -> Verdict<'r> {
+    pub(crate) fn judge<'r>(
+        &'r self,
+        op: &Op<'_>,
+        result: &OpResult,
+        explain: bool,
+    ) -> Verdict<'r> {
         match &self.kind {
             RuleKind::Rate(r) => r.judge(op, result, explain),
             RuleKind::CostVelocity(r) => r.judge(op, result, explain),

@@ -58,12 +58,14 @@ impl Quota {
 
     pub(crate) fn judge(&self, op: &Op<'_>, result: &OpResult, explain: bool) -> Verdict<'static> {
         if result.granted {
-            super::pass(explain, || format!(
-                "{} of {} {} in use",
-                result.used + 1,
-                self.max,
-                self.resource
-            ))
+            super::pass(explain, || {
+                format!(
+                    "{} of {} {} in use",
+                    result.used + 1,
+                    self.max,
+                    self.resource
+                )
+            })
         } else {
             Verdict::Deny {
                 code: Code::QuotaExceeded,
