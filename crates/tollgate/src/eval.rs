@@ -1,7 +1,6 @@
 //! The decision procedure: match, resolve, walk the rules in order building a plan, let
 //! the ledger apply the plan atomically, then read the verdicts in rule order.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use crate::decision::{Alert, Code, Decision, Remaining, TraceEntry};
@@ -22,8 +21,8 @@ pub(crate) struct EvalCtx<'r> {
     pub explain: bool,
     ledger: &'r dyn Ledger,
     rule: Option<&'r Rule>,
-    model: Option<Cow<'r, str>>,
-    cel: Option<cel::Context<'static, 'static>>,
+    model: Option<&'r str>,
+    cel: Option<cel::Context<'r, 'r>>,
     /// Variables already bound in `cel` (bits of `expr::VARIABLES`).
     cel_bound: u8,
     notes: Vec<String>,
@@ -31,12 +30,12 @@ pub(crate) struct EvalCtx<'r> {
 
 impl<'r> EvalCtx<'r> {
     /// The current model (after the downgrades so far).
-    pub(crate) fn model(&self) -> Option<&str> {
-        self.model.as_deref()
+    pub(crate) fn model(&self) -> Option<&'r str> {
+        self.model
     }
 
     pub(crate) fn set_model(&mut self, model: &'r str) {
-        self.model = Some(Cow::Borrowed(model));
+        self.model = Some(model);
         // Rebind `model` on the next expression that uses it.
         self.cel_bound &= !expr::MODEL;
     }
@@ -50,7 +49,7 @@ impl<'r> EvalCtx<'r> {
         if e.input_tokens.is_none() && e.output_tokens.is_none() {
             return Micros::ZERO;
         }
-        let model = self.model.as_deref().unwrap_or_default();
+        let model = self.model.unwrap_or_default();
         match self.set.pricing.get(model) {
             Some(price) => price.cost(e.input_tokens.unwrap_or(0), e.output_tokens.unwrap_or(0)),
             None => {
@@ -68,12 +67,7 @@ impl<'r> EvalCtx<'r> {
         let mut values = Vec::with_capacity(by.len());
         for d in by {
             let v = match d {
-                // The key of a by-model counter is the current model.
-                Dimension::Model => match &self.model {
-                    Some(Cow::Borrowed(m)) => Some(*m),
-                    Some(Cow::Owned(_)) | None => self.request.model.as_deref(),
-                },
-                other => other.value(self.request, None),
+                other => other.value(self.request, self.model),
             };
             match v {
                 Some(v) => values.push(v),
@@ -96,7 +90,7 @@ impl<'r> EvalCtx<'r> {
         let ctx = self.cel.get_or_insert_with(expr::empty_context);
         let missing = e.vars & !self.cel_bound;
         if missing != 0 {
-            expr::bind(ctx, self.request, self.model.as_deref(), missing);
+            expr::bind(ctx, self.request, self.model, missing);
             self.cel_bound |= missing;
         }
         e.eval_bool(ctx)
@@ -179,7 +173,7 @@ pub(crate) fn decide(
         explain,
         ledger: inputs.ledger,
         rule: None,
-        model: request.model.as_deref().map(Cow::Borrowed),
+        model: request.model.as_deref(),
         cel: None,
         cel_bound: 0,
         notes: Vec::new(),
@@ -251,7 +245,7 @@ pub(crate) fn decide(
             }
         }
     }
-    let final_walk_model = ctx.model.clone().map(Cow::into_owned);
+    let final_walk_model = ctx.model.map(str::to_string);
     for n in ctx.notes.drain(..) {
         note(None, None, "note", n);
     }

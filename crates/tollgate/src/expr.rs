@@ -8,6 +8,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 
+use cel::common::types::{CelDouble, CelInt, CelMap, CelMapKey, CelString};
+use cel::common::value::Val;
 use cel::{Context, Env, Program, Value};
 
 use crate::request::Request;
@@ -89,86 +91,68 @@ impl Expr {
 }
 
 /// An empty evaluation context (the standard library is shared, not rebuilt).
-pub(crate) fn empty_context() -> Context<'static, 'static> {
+pub(crate) fn empty_context<'r>() -> Context<'r, 'r> {
     Context::with_env(Arc::clone(&ENV))
 }
 
 /// Builds the evaluation context for one request, with every variable bound.
 #[cfg(test)]
-pub(crate) fn context(request: &Request, model: Option<&str>) -> Context<'static, 'static> {
+pub(crate) fn context<'r>(request: &'r Request, model: Option<&'r str>) -> Context<'r, 'r> {
     let mut ctx = empty_context();
     bind(&mut ctx, request, model, u8::MAX);
     ctx
 }
 
+fn string<'r>(s: &'r str) -> Box<dyn Val + 'r> {
+    Box::new(CelString::from(s))
+}
+
+fn map<'r>(entries: impl Iterator<Item = (&'r str, Box<dyn Val + 'r>)>) -> Box<dyn Val + 'r> {
+    let map: HashMap<CelMapKey<'r>, Box<dyn Val + 'r>> =
+        entries.map(|(k, v)| (CelMapKey::from(k), v)).collect();
+    Box::new(CelMap::from(map))
+}
+
 /// Binds the variables in `mask` (bits of [`VARIABLES`]), with `model` the current model.
-pub(crate) fn bind(
-    ctx: &mut Context<'static, 'static>,
-    request: &Request,
-    model: Option<&str>,
+/// Values borrow from the request: nothing is copied but the maps' own tables.
+pub(crate) fn bind<'r>(
+    ctx: &mut Context<'r, 'r>,
+    request: &'r Request,
+    model: Option<&'r str>,
     mask: u8,
 ) {
-    let s = |v: Option<&str>| Value::String(Arc::new(v.unwrap_or_default().to_string()));
-    let has = |name: &str| {
-        VARIABLES
-            .iter()
-            .position(|v| *v == name)
-            .is_some_and(|i| mask & (1 << i) != 0)
-    };
-    if has("action") {
-        ctx.add_variable_from_value("action", s(request.action.as_deref()));
-    }
-    if has("resource") {
-        ctx.add_variable_from_value("resource", s(request.resource.as_deref()));
-    }
-    if has("model") {
-        ctx.add_variable_from_value("model", s(model));
-    }
-    if has("subject") {
-        bind_subject(ctx, request);
-    }
-    if has("labels") {
-        let labels: HashMap<String, Value> = request
-            .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), s(Some(v))))
-            .collect();
-        ctx.add_variable_from_value("labels", labels);
-    }
-    if has("estimate") {
-        bind_estimate(ctx, request);
-    }
-}
-
-fn bind_subject(ctx: &mut Context<'static, 'static>, request: &Request) {
-    let s = |v: &str| Value::String(Arc::new(v.to_string()));
-    let mut subject: HashMap<String, Value> = HashMap::new();
-    for dim in crate::request::SubjectDim::ALL {
-        if let Some(v) = request.subject.get(dim) {
-            subject.insert(dim.name().to_string(), s(v));
+    for (i, name) in VARIABLES.iter().enumerate() {
+        if mask & (1 << i) == 0 {
+            continue;
         }
+        let value = match *name {
+            "action" => string(request.action.as_deref().unwrap_or_default()),
+            "resource" => string(request.resource.as_deref().unwrap_or_default()),
+            "model" => string(model.unwrap_or_default()),
+            "subject" => map(crate::request::SubjectDim::ALL
+                .iter()
+                .filter_map(|d| request.subject.get(*d).map(|v| (d.name(), string(v))))),
+            "labels" => map(request.labels.iter().map(|(k, v)| (k.as_str(), string(v)))),
+            _ => {
+                let e = &request.estimate;
+                let int = |t: u64| -> Box<dyn Val + 'r> {
+                    Box::new(CelInt::from(t.min(i64::MAX as u64) as i64))
+                };
+                map(e
+                    .cost_usd
+                    .map(|c| {
+                        (
+                            "cost_usd",
+                            Box::new(CelDouble::from(c.as_f64())) as Box<dyn Val + 'r>,
+                        )
+                    })
+                    .into_iter()
+                    .chain(e.input_tokens.map(|t| ("input_tokens", int(t))))
+                    .chain(e.output_tokens.map(|t| ("output_tokens", int(t)))))
+            }
+        };
+        ctx.add_variable_as_val(*name, value);
     }
-    ctx.add_variable_from_value("subject", subject);
-}
-
-fn bind_estimate(ctx: &mut Context<'static, 'static>, request: &Request) {
-    let mut estimate: HashMap<String, Value> = HashMap::new();
-    if let Some(c) = request.estimate.cost_usd {
-        estimate.insert("cost_usd".into(), Value::Float(c.as_f64()));
-    }
-    if let Some(t) = request.estimate.input_tokens {
-        estimate.insert(
-            "input_tokens".into(),
-            Value::Int(t.min(i64::MAX as u64) as i64),
-        );
-    }
-    if let Some(t) = request.estimate.output_tokens {
-        estimate.insert(
-            "output_tokens".into(),
-            Value::Int(t.min(i64::MAX as u64) as i64),
-        );
-    }
-    ctx.add_variable_from_value("estimate", estimate);
 }
 
 #[cfg(test)]

@@ -6,7 +6,8 @@
 //! conformance tests (`tests/ledger_conformance.rs`).
 
 use std::fmt;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::LazyLock;
 
 use crate::money::Micros;
 use crate::request::{Dimension, Subject};
@@ -36,15 +37,13 @@ pub struct CounterKey<'a> {
 impl<'a> CounterKey<'a> {
     /// Builds a key and its id.
     pub fn new(policy: &'a str, rule: &'a str, by: &'a [Dimension], values: Vec<&'a str>) -> Self {
-        let half = |salt: u8| {
-            let mut h = std::hash::DefaultHasher::new();
-            salt.hash(&mut h);
-            policy.hash(&mut h);
-            rule.hash(&mut h);
-            values.hash(&mut h);
-            h.finish()
-        };
-        let id = (u128::from(half(0)) << 64) | u128::from(half(1));
+        // High half: SipHash under a per-process random key, so ids cannot be chosen by
+        // whoever picks user names; low half: a fast second hash of the same parts.
+        static KEYED: LazyLock<RandomState> = LazyLock::new(RandomState::new);
+        let parts = (policy, rule, &values);
+        let high = KEYED.hash_one(parts);
+        let low = rustc_hash::FxBuildHasher.hash_one(parts);
+        let id = (u128::from(high) << 64) | u128::from(low);
         CounterKey {
             id,
             policy,

@@ -1,3 +1,6 @@
+//! The cost of each rule type on its own: one-rule policies over 100,000 users.
+//! `cargo run --release -p tollgate --example rule_costs` (set ONLY=<text> to pick rules).
+
 use std::sync::Arc;
 use std::time::Instant;
 use tollgate::{Engine, ManualClock, Micros, Request};
