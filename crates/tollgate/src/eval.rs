@@ -66,10 +66,8 @@ impl<'r> EvalCtx<'r> {
         let rule = self.rule.expect("a rule is being evaluated");
         let mut values = Vec::with_capacity(by.len());
         for d in by {
-            let v = match d {
-                other => other.value(self.request, self.model),
-            };
-            match v {
+            // A `model` dimension keys by the current (possibly downgraded) model.
+            match d.value(self.request, self.model) {
                 Some(v) => values.push(v),
                 None => return Err(format!("the request has no `{d}`")),
             }
