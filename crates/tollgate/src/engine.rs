@@ -401,6 +401,18 @@ impl Engine {
         Ok(self.resolve_settings(&self.policy.load(), &request))
     }
 
+    /// Checks an override without applying it; returns the value normalised.
+    pub fn check_setting(&self, scope: &str, key: &str, value: &Json) -> Result<Json, EngineError> {
+        Scope::parse(scope).map_err(EngineError::InvalidSetting)?;
+        let set = self.policy.load();
+        let def = set.settings.get(key).ok_or_else(|| {
+            EngineError::InvalidSetting(format!(
+                "unknown setting `{key}` (the policy's `settings` does not define it)"
+            ))
+        })?;
+        def.check(value).map_err(EngineError::InvalidSetting)
+    }
+
     /// Sets an override; the value is checked against the key's type and bounds.
     /// Returns the previous value at that scope.
     pub fn set_setting(
@@ -409,15 +421,15 @@ impl Engine {
         key: &str,
         value: Json,
     ) -> Result<Option<Json>, EngineError> {
+        let value = self.check_setting(scope, key, &value)?;
         let scope = Scope::parse(scope).map_err(EngineError::InvalidSetting)?;
-        let set = self.policy.load();
-        let def = set.settings.get(key).ok_or_else(|| {
-            EngineError::InvalidSetting(format!(
-                "unknown setting `{key}` (the policy's `settings` does not define it)"
-            ))
-        })?;
-        let value = def.check(&value).map_err(EngineError::InvalidSetting)?;
         Ok(self.overrides.write().set(scope, key.to_string(), value))
+    }
+
+    /// The override at exactly `scope`, if any.
+    pub fn setting_override(&self, scope: &str, key: &str) -> Option<Json> {
+        let scope = Scope::parse(scope).ok()?;
+        self.overrides.read().get(&scope, key).cloned()
     }
 
     /// Removes an override; returns the removed value (`None`: there was none).
@@ -461,36 +473,7 @@ impl Engine {
         if id.is_empty() {
             return Err(EngineError::InvalidRun("`id` must not be empty".into()));
         }
-        let on_exceeded = match spec.on_exceeded.as_deref() {
-            None | Some("reject") => OnExceeded::Reject,
-            Some("alert") => OnExceeded::Alert,
-            Some("downgrade") => OnExceeded::Downgrade,
-            Some(other) => {
-                return Err(EngineError::InvalidRun(format!(
-                    "`on_exceeded` is reject, alert or downgrade, not `{other}`"
-                )));
-            }
-        };
-        if (on_exceeded == OnExceeded::Downgrade) != spec.downgrade_to.is_some() {
-            return Err(EngineError::InvalidRun(
-                "`downgrade_to` goes with `on_exceeded: downgrade`, and only with it".into(),
-            ));
-        }
-        if spec.alert_at.is_some_and(|a| !(a > 0.0 && a <= 1.0)) {
-            return Err(EngineError::InvalidRun(
-                "`alert_at` is a fraction in (0, 1]".into(),
-            ));
-        }
-        if spec.budget_usd.is_some_and(|b| b.0 < 0) {
-            return Err(EngineError::InvalidRun(
-                "`budget_usd` must not be negative".into(),
-            ));
-        }
-        if spec.budget_usd.is_none() && (spec.on_exceeded.is_some() || spec.alert_at.is_some()) {
-            return Err(EngineError::InvalidRun(
-                "`on_exceeded` and `alert_at` need a `budget_usd`".into(),
-            ));
-        }
+        let budget = run_budget(&spec, &id)?;
         let mut runs = self.runs.write();
         if runs.contains_key(&id) {
             return Err(EngineError::RunExists(id));
@@ -524,18 +507,6 @@ impl Engine {
                 )
             })
             .collect();
-        let budget = spec.budget_usd.map(|limit| Rule {
-            id: "budget".into(),
-            policy: source.clone(),
-            when: None,
-            mode: Mode::Enforce,
-            kind: RuleKind::Budget(Budget::for_run(
-                limit,
-                on_exceeded,
-                spec.downgrade_to.clone(),
-                spec.alert_at,
-            )),
-        });
         let info = RunInfo {
             id: id.clone(),
             policy_version: policy.version,
@@ -553,6 +524,43 @@ impl Engine {
             }),
         );
         Ok(info)
+    }
+
+    /// Restores a run from a store: its snapshot as it was created, on the policy set of
+    /// its version. Parents must be restored first.
+    pub fn restore_run(
+        &self,
+        spec: &RunSpec,
+        info: RunInfo,
+        policy: PolicySet,
+    ) -> Result<(), EngineError> {
+        let budget = run_budget(spec, &info.id)?;
+        let mut runs = self.runs.write();
+        let parent = match &info.parent {
+            None => None,
+            Some(p) => Some(Arc::clone(
+                runs.get(p)
+                    .ok_or_else(|| EngineError::UnknownRun(p.clone()))?,
+            )),
+        };
+        let policy = Arc::new(policy.with_version(info.policy_version));
+        runs.insert(
+            info.id.clone(),
+            Arc::new(Run {
+                info,
+                policy,
+                budget,
+                parent,
+            }),
+        );
+        Ok(())
+    }
+
+    /// Installs a compiled set under a given version number (restoring from a store).
+    pub fn install_version(&self, set: PolicySet, version: u64) {
+        let mut current = self.version.lock();
+        *current = (*current).max(version);
+        self.policy.store(Arc::new(set.with_version(version)));
     }
 
     /// A run's snapshot.
@@ -604,6 +612,52 @@ impl Engine {
             })
             .collect())
     }
+}
+
+/// Checks a run's budget fields and builds its budget rule.
+fn run_budget(spec: &RunSpec, id: &str) -> Result<Option<Rule>, EngineError> {
+    let on_exceeded = match spec.on_exceeded.as_deref() {
+        None | Some("reject") => OnExceeded::Reject,
+        Some("alert") => OnExceeded::Alert,
+        Some("downgrade") => OnExceeded::Downgrade,
+        Some(other) => {
+            return Err(EngineError::InvalidRun(format!(
+                "`on_exceeded` is reject, alert or downgrade, not `{other}`"
+            )));
+        }
+    };
+    if (on_exceeded == OnExceeded::Downgrade) != spec.downgrade_to.is_some() {
+        return Err(EngineError::InvalidRun(
+            "`downgrade_to` goes with `on_exceeded: downgrade`, and only with it".into(),
+        ));
+    }
+    if spec.alert_at.is_some_and(|a| !(a > 0.0 && a <= 1.0)) {
+        return Err(EngineError::InvalidRun(
+            "`alert_at` is a fraction in (0, 1]".into(),
+        ));
+    }
+    if spec.budget_usd.is_some_and(|b| b.0 < 0) {
+        return Err(EngineError::InvalidRun(
+            "`budget_usd` must not be negative".into(),
+        ));
+    }
+    if spec.budget_usd.is_none() && (spec.on_exceeded.is_some() || spec.alert_at.is_some()) {
+        return Err(EngineError::InvalidRun(
+            "`on_exceeded` and `alert_at` need a `budget_usd`".into(),
+        ));
+    }
+    Ok(spec.budget_usd.map(|limit| Rule {
+        id: "budget".into(),
+        policy: format!("run:{id}"),
+        when: None,
+        mode: Mode::Enforce,
+        kind: RuleKind::Budget(Budget::for_run(
+            limit,
+            on_exceeded,
+            spec.downgrade_to.clone(),
+            spec.alert_at,
+        )),
+    }))
 }
 
 /// Milliseconds since the epoch as RFC 3339 UTC.

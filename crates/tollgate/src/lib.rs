@@ -17,9 +17,12 @@
 //!   settings overrides and the usage summary.
 //!
 //! ```
-//! use tollgate::{Engine, Request};
+//! use std::sync::Arc;
+//! use tollgate::{Engine, ManualClock, Request};
 //!
+//! let clock = Arc::new(ManualClock::new(0));
 //! let engine = Engine::builder()
+//!     .clock(clock.clone())
 //!     .build_from_text(r#"
 //! policies:
 //!   - name: free
@@ -33,6 +36,8 @@
 //! let second = engine.check(&request);
 //! assert_eq!(second.code.as_str(), "RATE_LIMITED");
 //! assert_eq!(second.retry_after_ms, Some(60_000));
+//! clock.advance(60_000);
+//! assert!(engine.check(&request).allowed);
 //! ```
 #![warn(missing_docs)]
 

@@ -235,6 +235,32 @@ struct Decisions {
     inserts: u32,
 }
 
+/// A counter a recorded decision's cost counts toward, in portable form (the id is
+/// recomputed from these parts when restored, in another process).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpendSink {
+    /// The policy (or `run:<id>`).
+    pub policy: String,
+    /// The rule id.
+    pub rule: String,
+    /// The `by` dimensions.
+    pub by: Vec<Dimension>,
+    /// Their values.
+    pub values: Vec<String>,
+}
+
+/// A `record` that has been claimed (so a concurrent duplicate sees it) but not yet
+/// applied: the caller makes it durable, then [`MemoryLedger::finish_record`].
+#[derive(Clone, Debug)]
+pub struct PendingRecord {
+    /// The decision.
+    pub decision: u128,
+    /// The time of its check (spend is attributed to it).
+    pub at: i64,
+    /// The counters the cost counts toward.
+    pub sinks: Vec<SpendSink>,
+}
+
 /// The in-memory [`Ledger`].
 pub struct MemoryLedger {
     shards: Box<[Mutex<Shard>]>,
@@ -252,6 +278,20 @@ impl std::fmt::Debug for MemoryLedger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("MemoryLedger")
     }
+}
+
+fn sink_id(s: &SpendSink) -> u128 {
+    let values: Vec<&str> = s.values.iter().map(String::as_str).collect();
+    CounterKey::new(&s.policy, &s.rule, &s.by, values).id
+}
+
+fn sink_label(s: &SpendSink) -> Arc<Label> {
+    Arc::new(Label {
+        policy: s.policy.clone(),
+        rule: s.rule.clone(),
+        by: s.by.clone(),
+        values: s.values.clone(),
+    })
 }
 
 fn shard_of(id: u128) -> usize {
@@ -294,6 +334,119 @@ impl MemoryLedger {
                 .collect(),
             leases: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Claims a decision for recording: `Err(Duplicate)` if it was recorded (or is being
+    /// recorded), `Err(UnknownDecision)` if there is no such decision.
+    pub fn begin_record(&self, decision: u128, now: i64) -> Result<PendingRecord, RecordOutcome> {
+        let mut decisions = self.decisions[shard_of(decision)].lock();
+        let Some(record) = decisions
+            .map
+            .get_mut(&decision)
+            .filter(|r| r.retain_until > now)
+        else {
+            return Err(RecordOutcome::UnknownDecision);
+        };
+        if record.recorded {
+            return Err(RecordOutcome::Duplicate);
+        }
+        record.recorded = true;
+        Ok(PendingRecord {
+            decision,
+            at: record.at,
+            sinks: record
+                .sinks
+                .iter()
+                .map(|(_, l)| SpendSink {
+                    policy: l.policy.clone(),
+                    rule: l.rule.clone(),
+                    by: l.by.clone(),
+                    values: l.values.clone(),
+                })
+                .collect(),
+        })
+    }
+
+    /// Gives a claimed decision back (its durable write failed): it may be recorded again.
+    pub fn abort_record(&self, decision: u128) {
+        if let Some(r) = self.decisions[shard_of(decision)]
+            .lock()
+            .map
+            .get_mut(&decision)
+        {
+            r.recorded = false;
+        }
+    }
+
+    /// Applies a claimed record: the reservations go, the cost counts at the check's time.
+    pub fn finish_record(&self, pending: &PendingRecord, cost: Micros) {
+        let sinks: Vec<(u128, Arc<Label>)> = {
+            let decisions = self.decisions[shard_of(pending.decision)].lock();
+            match decisions.map.get(&pending.decision) {
+                Some(r) => r.sinks.clone(),
+                None => pending
+                    .sinks
+                    .iter()
+                    .map(|s| (sink_id(s), sink_label(s)))
+                    .collect(),
+            }
+        };
+        self.add_spend(&sinks, Some(pending.decision), pending.at, cost);
+    }
+
+    /// Restores recorded spend from a durable store (at start-up).
+    pub fn restore_spend(&self, sinks: &[SpendSink], at: i64, cost: Micros) {
+        let sinks: Vec<(u128, Arc<Label>)> =
+            sinks.iter().map(|s| (sink_id(s), sink_label(s))).collect();
+        self.add_spend(&sinks, None, at, cost);
+    }
+
+    fn add_spend(
+        &self,
+        sinks: &[(u128, Arc<Label>)],
+        decision: Option<u128>,
+        at: i64,
+        cost: Micros,
+    ) {
+        let mut guards = self.lock_shards(sinks.iter().map(|(id, _)| *id));
+        for (id, label) in sinks {
+            let shard = guard(&mut guards, *id);
+            // A counter created here (restored spend, or one swept meanwhile) does not know
+            // its window yet: it is kept until an operation tells it.
+            let counter = shard.counters.entry(*id).or_insert_with(|| Counter {
+                label: Arc::clone(label),
+                state: State::Spend(Spend::default()),
+                idle_at: i64::MAX,
+            });
+            if let State::Spend(spend) = &mut counter.state {
+                if let Some(d) = decision {
+                    spend.unreserve(d);
+                }
+                if cost.0 != 0 {
+                    spend.add_event(at, cost.0);
+                }
+            }
+        }
+    }
+
+    /// Restores a live lease from a durable store (at start-up); quota counters seed
+    /// themselves from it when first used.
+    pub fn restore_lease(
+        &self,
+        id: u128,
+        resource: &str,
+        subject: Subject,
+        expires_at: Option<i64>,
+    ) {
+        self.leases.lock().insert(
+            id,
+            Lease {
+                resource: resource.to_string(),
+                subject,
+                expires_at,
+                keys: Vec::new(),
+            },
+        );
     }
 
     fn lock_shards(&self, ids: impl Iterator<Item = u128>) -> Vec<(usize, MutexGuard<'_, Shard>)> {
@@ -756,35 +909,13 @@ impl Ledger for MemoryLedger {
     }
 
     fn record(&self, decision: u128, cost: Micros, now: i64) -> Result<RecordOutcome, LedgerError> {
-        let mut decisions = self.decisions[shard_of(decision)].lock();
-        let Some(record) = decisions
-            .map
-            .get_mut(&decision)
-            .filter(|r| r.retain_until > now)
-        else {
-            return Ok(RecordOutcome::UnknownDecision);
-        };
-        if record.recorded {
-            return Ok(RecordOutcome::Duplicate);
-        }
-        record.recorded = true;
-        let at = record.at;
-        let mut guards = self.lock_shards(record.sinks.iter().map(|(id, _)| *id));
-        for (id, label) in &record.sinks {
-            let shard = guard(&mut guards, *id);
-            let counter = shard.counters.entry(*id).or_insert_with(|| Counter {
-                label: Arc::clone(label),
-                state: State::Spend(Spend::default()),
-                idle_at: now,
-            });
-            if let State::Spend(spend) = &mut counter.state {
-                spend.unreserve(decision);
-                if cost.0 != 0 {
-                    spend.add_event(at, cost.0);
-                }
+        match self.begin_record(decision, now) {
+            Ok(pending) => {
+                self.finish_record(&pending, cost);
+                Ok(RecordOutcome::Recorded)
             }
+            Err(outcome) => Ok(outcome),
         }
-        Ok(RecordOutcome::Recorded)
     }
 
     fn release(&self, lease: u128, now: i64) -> Result<bool, LedgerError> {

@@ -14,7 +14,7 @@ use crate::request::{Dimension, Subject};
 
 mod memory;
 
-pub use memory::MemoryLedger;
+pub use memory::{MemoryLedger, PendingRecord, SpendSink};
 
 /// Identifies one counter: a policy, a rule id and the values of its `by` dimensions.
 ///

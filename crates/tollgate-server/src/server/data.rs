@@ -1,0 +1,375 @@
+//! The data plane: decisions, records, leases, runs, effective settings, usage; and
+//! the operations endpoints.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use tollgate::duration::Millis;
+use tollgate::{Decision, EngineError, Micros, RecordOutcome, Request, RunSpec, Subject};
+
+use super::error::{ApiError, body_rejection, parse_json};
+use super::{State, auth};
+
+/// Only the named query parameters are accepted (a typo must not be silently ignored).
+pub fn query(q: &HashMap<String, String>, allowed: &[&str]) -> Result<(), ApiError> {
+    match q.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(ApiError::bad_request(format!(
+            "unknown query parameter `{k}` (accepted: {})",
+            allowed.join(", ")
+        ))
+        .with_details(json!([{"field": k, "message": "unknown query parameter"}]))),
+        None => Ok(()),
+    }
+}
+
+fn flag(q: &HashMap<String, String>, name: &str) -> Result<bool, ApiError> {
+    match q.get(name).map(String::as_str) {
+        None | Some("false") => Ok(false),
+        Some("true" | "") => Ok(true),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "`{name}` is true or false, not `{other}`"
+        ))),
+    }
+}
+
+/// Counts, times and logs a decision.
+pub fn observe(decision: &Decision, started: Instant, endpoint: &'static str) {
+    let rule = decision.rule.clone().unwrap_or_default();
+    metrics::counter!("tollgate_decisions_total", "code" => decision.code.as_str(), "rule" => rule, "endpoint" => endpoint)
+        .increment(1);
+    metrics::histogram!("tollgate_decision_seconds").record(started.elapsed().as_secs_f64());
+    if !decision.allowed {
+        tracing::info!(
+            code = decision.code.as_str(),
+            policy = decision.policy.as_deref().unwrap_or(""),
+            rule = decision.rule.as_deref().unwrap_or(""),
+            reason = decision.reason.as_deref().unwrap_or(""),
+            decision_id = %decision.decision_id,
+            "denied"
+        );
+    }
+    for entry in decision.trace.iter().filter(|t| t.outcome == "error") {
+        metrics::counter!("tollgate_expression_errors_total").increment(1);
+        tracing::debug!(detail = %entry.detail, "expression error");
+    }
+}
+
+/// The decision as the response: status mirrors the code, `Retry-After` on rate limits.
+pub fn decision_response(decision: &Decision, allowed_status: StatusCode) -> Response {
+    let status = if decision.allowed {
+        allowed_status
+    } else {
+        StatusCode::from_u16(decision.code.http_status()).unwrap_or(StatusCode::FORBIDDEN)
+    };
+    let mut response = (status, Json(decision)).into_response();
+    if let Some(ms) = decision
+        .retry_after_ms
+        .filter(|_| status == StatusCode::TOO_MANY_REQUESTS)
+    {
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(ms.div_ceil(1000).max(1)),
+        );
+    }
+    response
+}
+
+/// `POST /v1/check`: decide a request. The body is always the decision.
+#[utoipa::path(post, path = "/v1/check", params(("explain" = Option<bool>, Query, description = "fill `trace`")),
+    responses((status = 200, description = "allowed"), (status = 403, description = "POLICY_DENIED"),
+               (status = 429, description = "RATE_LIMITED, QUOTA_EXCEEDED or BUDGET_EXCEEDED"), (status = 400), (status = 401), (status = 413)))]
+pub async fn check(
+    s: State,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    auth::data(&s.api_keys, &headers)?;
+    query(&q, &["explain"])?;
+    let explain = flag(&q, "explain")?;
+    let request: Request = parse_json(&body.map_err(body_rejection)?)?;
+    let started = Instant::now();
+    let decision = if explain {
+        s.engine.check_explained(&request)
+    } else {
+        s.engine.check(&request)
+    };
+    observe(&decision, started, "check");
+    Ok(decision_response(&decision, StatusCode::OK))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordBody {
+    decision_id: String,
+    cost_usd: Micros,
+}
+
+/// `POST /v1/record`: the actual cost of an allowed decision (idempotent).
+#[utoipa::path(post, path = "/v1/record", responses((status = 200, description = "{recorded, duplicate}"), (status = 404, description = "unknown decision"), (status = 400), (status = 503)))]
+pub async fn record(
+    s: State,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    auth::data(&s.api_keys, &headers)?;
+    let body: RecordBody = parse_json(&body.map_err(body_rejection)?)?;
+    if body.cost_usd.0 < 0 {
+        return Err(ApiError::bad_request("`cost_usd` must not be negative")
+            .with_details(json!([{"field": "cost_usd", "message": "negative"}])));
+    }
+    let id = uuid::Uuid::parse_str(&body.decision_id).map_err(|_| {
+        ApiError::bad_request(format!("`{}` is not a decision id", body.decision_id))
+    })?;
+    let now = s.clock.now_ms();
+    let duplicate = match s.ledger.begin_record(id.as_u128(), now) {
+        Ok(pending) => {
+            // Durable first: only a committed record is acknowledged.
+            if let Err(e) = s
+                .store
+                .record_spend(
+                    &body.decision_id,
+                    pending.at,
+                    body.cost_usd,
+                    now,
+                    pending.sinks.clone(),
+                )
+                .await
+            {
+                s.ledger.abort_record(id.as_u128());
+                return Err(e.into());
+            }
+            s.ledger.finish_record(&pending, body.cost_usd);
+            false
+        }
+        Err(RecordOutcome::Duplicate) => true,
+        Err(_) if s.store.spend_recorded(&body.decision_id).await? => true,
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "UNKNOWN_DECISION",
+                format!(
+                    "no allowed decision `{}` to record against (unknown, denied, or too old)",
+                    body.decision_id
+                ),
+            ));
+        }
+    };
+    metrics::counter!("tollgate_records_total", "duplicate" => if duplicate { "true" } else { "false" }).increment(1);
+    Ok(Json(json!({"recorded": true, "duplicate": duplicate})).into_response())
+}
+
+/// `POST /v1/leases`: a check that also takes a lease on `resource` (`?ttl=30s` lets the
+/// slot come back on its own).
+#[utoipa::path(post, path = "/v1/leases", params(("ttl" = Option<String>, Query, description = "lease lifetime, e.g. 30s"), ("explain" = Option<bool>, Query)),
+    responses((status = 201, description = "the decision plus lease_id"), (status = 429), (status = 403), (status = 400)))]
+pub async fn acquire(
+    s: State,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    auth::data(&s.api_keys, &headers)?;
+    query(&q, &["ttl", "explain"])?;
+    let explain = flag(&q, "explain")?;
+    let ttl = match q.get("ttl") {
+        Some(t) => Some(
+            Millis::parse(t)
+                .ok_or_else(|| ApiError::bad_request(format!("bad `ttl` `{t}` (e.g. 30s, 5m)")))?,
+        ),
+        None => None,
+    };
+    let request: Request = parse_json(&body.map_err(body_rejection)?)?;
+    let decision = acquire_lease(&s, &request, ttl, explain, "lease").await?;
+    Ok(decision_response(&decision, StatusCode::CREATED))
+}
+
+/// Takes a lease and makes it durable; on a store failure the lease is given back.
+pub async fn acquire_lease(
+    s: &super::AppState,
+    request: &Request,
+    ttl: Option<Millis>,
+    explain: bool,
+    endpoint: &'static str,
+) -> Result<Decision, ApiError> {
+    let Some(resource) = request.resource.as_deref() else {
+        return Err(ApiError::bad_request("a lease needs `resource`")
+            .with_details(json!([{"field": "resource", "message": "required"}])));
+    };
+    let started = Instant::now();
+    let decision = s.engine.acquire(request, ttl, explain);
+    observe(&decision, started, endpoint);
+    if let Some(lease) = &decision.lease_id {
+        let now = s.clock.now_ms();
+        let expires = ttl.map(|t| now + t.0);
+        if let Err(e) = s
+            .store
+            .insert_lease(lease, resource, &request.subject, expires, now)
+            .await
+        {
+            let _ = s.engine.release(lease);
+            return Err(e.into());
+        }
+    }
+    Ok(decision)
+}
+
+/// `DELETE /v1/leases/{id}`.
+#[utoipa::path(delete, path = "/v1/leases/{id}", responses((status = 204), (status = 404)))]
+pub async fn release(
+    s: State,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    auth::data(&s.api_keys, &headers)?;
+    release_lease(&s, &id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+pub async fn release_lease(s: &super::AppState, id: &str) -> Result<(), ApiError> {
+    if uuid::Uuid::parse_str(id).is_err() {
+        return Err(ApiError::not_found(format!("no lease `{id}`")));
+    }
+    let stored = s.store.delete_lease(id).await?;
+    let live = s
+        .engine
+        .release(id)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if stored || live {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(format!("no lease `{id}`")))
+    }
+}
+
+/// `POST /v1/runs`: freeze the policy version and settings for a run.
+#[utoipa::path(post, path = "/v1/runs", responses((status = 201, description = "{id, policy_version, settings, budget_usd}"), (status = 409, description = "the id exists"), (status = 422), (status = 400)))]
+pub async fn create_run(
+    s: State,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    auth::data(&s.api_keys, &headers)?;
+    let spec: RunSpec = parse_json(&body.map_err(body_rejection)?)?;
+    let info = s.engine.create_run(spec.clone()).map_err(|e| match e {
+        EngineError::RunExists(_) => {
+            ApiError::new(StatusCode::CONFLICT, "RUN_EXISTS", e.to_string())
+        }
+        other => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "INVALID_RUN",
+            other.to_string(),
+        ),
+    })?;
+    let spec = RunSpec {
+        id: Some(info.id.clone()),
+        ..spec
+    };
+    s.store.insert_run(&spec, &info, s.clock.now_ms()).await?;
+    Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+/// `GET /v1/runs/{id}`.
+#[utoipa::path(get, path = "/v1/runs/{id}", responses((status = 200), (status = 404)))]
+pub async fn get_run(
+    s: State,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    auth::data(&s.api_keys, &headers)?;
+    let info = s
+        .engine
+        .run(&id)
+        .ok_or_else(|| ApiError::not_found(format!("no run `{id}`")))?;
+    Ok(Json(info).into_response())
+}
+
+/// `GET /v1/settings/effective?product=&team=&key=&user=&agent=&run=`.
+#[utoipa::path(get, path = "/v1/settings/effective", responses((status = 200, description = "{settings: {KEY: {value, source}}}"), (status = 404, description = "unknown run")))]
+pub async fn effective_settings(
+    s: State,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    auth::data(&s.api_keys, &headers)?;
+    query(&q, &["product", "team", "key", "user", "agent", "run"])?;
+    let get = |k: &str| q.get(k).cloned();
+    let subject = Subject {
+        product: get("product"),
+        team: get("team"),
+        key: get("key"),
+        user: get("user"),
+        agent: get("agent"),
+        run: get("run"),
+    };
+    let settings = s
+        .engine
+        .settings(&subject)
+        .map_err(|e| ApiError::not_found(e.to_string()))?;
+    Ok(Json(json!({ "settings": settings })).into_response())
+}
+
+/// `GET /v1/usage?dimension=&id=`.
+#[utoipa::path(get, path = "/v1/usage", responses((status = 200, description = "{items: [...]}")))]
+pub async fn usage(
+    s: State,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    auth::data(&s.api_keys, &headers)?;
+    query(&q, &["dimension", "id"])?;
+    let filter = match (q.get("dimension"), q.get("id")) {
+        (Some(d), Some(i)) => Some((d.as_str(), i.as_str())),
+        (None, None) => None,
+        _ => {
+            return Err(ApiError::bad_request(
+                "give both `dimension` and `id`, or neither",
+            ));
+        }
+    };
+    let items = s
+        .engine
+        .usage(filter)
+        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    Ok(Json(json!({ "items": items })).into_response())
+}
+
+/// `GET /healthz`: the process answers.
+#[utoipa::path(get, path = "/healthz", responses((status = 200)))]
+pub async fn healthz() -> Response {
+    Json(json!({"status": "ok"})).into_response()
+}
+
+/// `GET /readyz`: the store answers.
+#[utoipa::path(get, path = "/readyz", responses((status = 200), (status = 503)))]
+pub async fn readyz(s: State) -> Response {
+    match s.store.ping().await {
+        Ok(()) => Json(json!({"status": "ready", "policy_version": s.engine.policy().version()}))
+            .into_response(),
+        Err(e) => ApiError::unavailable(format!("the store does not answer: {e}")).into_response(),
+    }
+}
+
+/// `GET /metrics`: Prometheus text.
+#[utoipa::path(get, path = "/metrics", responses((status = 200)))]
+pub async fn metrics(s: State) -> Response {
+    metrics::gauge!("tollgate_policy_version").set(s.engine.policy().version() as f64);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint")
+}

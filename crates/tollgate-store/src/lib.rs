@@ -1,0 +1,605 @@
+//! # tollgate-store
+//!
+//! The durable side of a tollgate server: policy versions, the audit log, settings
+//! overrides, runs, live leases and the spend ledger. The embedded default is one SQLite
+//! file in WAL mode with `synchronous = FULL`; spend records go through a group-commit
+//! writer, so a `record` is acknowledged only once it is on disk, and many concurrent
+//! records share one fsync.
+//!
+//! Hot counters (rate buckets, reservations) stay in the in-memory ledger; at start-up
+//! [`Store::restore`] replays the durable state into a fresh engine and ledger.
+#![warn(missing_docs)]
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use tollgate::ledger::{MemoryLedger, SpendSink};
+use tollgate::request::{Dimension, Subject};
+use tollgate::{Engine, Micros, RunInfo, RunSpec};
+
+/// What can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database said no.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    /// Stored data could not be read back.
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+    /// The data directory could not be created.
+    #[error("data directory `{0}`: {1}")]
+    DataDir(String, std::io::Error),
+    /// The group-commit writer is gone (the server is shutting down).
+    #[error("the spend writer has stopped")]
+    WriterStopped,
+}
+
+/// A stored policy version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyVersion {
+    /// The version number.
+    pub version: u64,
+    /// The document as submitted (YAML or JSON).
+    pub source: String,
+    /// When (ms since the epoch).
+    pub created_at: i64,
+    /// Who.
+    pub actor: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// One audit entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Its id (increasing).
+    pub id: i64,
+    /// When (RFC 3339).
+    pub at: String,
+    /// Who.
+    pub actor: String,
+    /// What: `policy.replace`, `policy.rollback`, `setting.set`, `setting.remove`,
+    /// `product.policy`, `run.create`.
+    pub action: String,
+    /// On what.
+    pub target: String,
+    /// The value before (JSON text), if any.
+    pub from: Option<String>,
+    /// The value after (JSON text), if any.
+    pub to: Option<String>,
+    /// Why.
+    pub reason: String,
+}
+
+/// An audit entry to write.
+#[derive(Clone, Debug)]
+pub struct Change<'a> {
+    /// Who.
+    pub actor: &'a str,
+    /// What.
+    pub action: &'a str,
+    /// On what.
+    pub target: &'a str,
+    /// Before.
+    pub from: Option<String>,
+    /// After.
+    pub to: Option<String>,
+    /// Why.
+    pub reason: &'a str,
+}
+
+struct SpendWrite {
+    decision: String,
+    at: i64,
+    cost: i64,
+    recorded_at: i64,
+    sinks: Vec<SpendSink>,
+}
+
+type WriteReply = oneshot::Sender<Result<(), String>>;
+
+/// The durable store.
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+    writer: mpsc::Sender<(SpendWrite, WriteReply)>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+/// Up to this many spend records share one transaction (one fsync).
+const GROUP: usize = 256;
+
+impl Store {
+    /// Opens (creating if needed) `DIR/tollgate.db` and applies the migrations.
+    pub async fn open_dir(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::DataDir(dir.display().to_string(), e))?;
+        let url = format!("sqlite://{}", dir.join("tollgate.db").display());
+        Store::open(&url).await
+    }
+
+    /// Opens a SQLite database by URL (`sqlite://path` or `sqlite::memory:`).
+    pub async fn open(url: &str) -> Result<Store, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // An acknowledged write survives a crash of the process and of the machine.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        let (tx, rx) = mpsc::channel(4096);
+        tokio::spawn(group_commit(pool.clone(), rx));
+        Ok(Store { pool, writer: tx })
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Closes the pool after the pending writes (graceful shutdown).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    // ---- policy versions -------------------------------------------------------------
+
+    /// The newest version.
+    pub async fn latest_policy(&self) -> Result<Option<PolicyVersion>, StoreError> {
+        let row = sqlx::query("SELECT version, source, created_at, actor, reason FROM policy_versions ORDER BY version DESC LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| policy_row(&r)))
+    }
+
+    /// One version.
+    pub async fn policy_version(&self, version: u64) -> Result<Option<PolicyVersion>, StoreError> {
+        let row = sqlx::query("SELECT version, source, created_at, actor, reason FROM policy_versions WHERE version = ?")
+            .bind(version as i64)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| policy_row(&r)))
+    }
+
+    /// Every version, newest first, without their documents.
+    pub async fn policy_versions(&self) -> Result<Vec<PolicyVersion>, StoreError> {
+        let rows = sqlx::query("SELECT version, '' AS source, created_at, actor, reason FROM policy_versions ORDER BY version DESC")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(policy_row).collect())
+    }
+
+    /// Writes a new version and its audit entry in one transaction. Fails (changing
+    /// nothing) when `version` exists already: a concurrent writer won.
+    pub async fn insert_policy(
+        &self,
+        version: &PolicyVersion,
+        change: Change<'_>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO policy_versions (version, source, created_at, actor, reason) VALUES (?, ?, ?, ?, ?)")
+            .bind(version.version as i64)
+            .bind(&version.source)
+            .bind(version.created_at)
+            .bind(&version.actor)
+            .bind(&version.reason)
+            .execute(&mut *tx)
+            .await?;
+        insert_audit(&mut tx, version.created_at, &change).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A small stored fact.
+    pub async fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT value FROM meta WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.get::<String, _>(0)))
+    }
+
+    /// Sets a small stored fact.
+    pub async fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+            .bind(key)
+            .bind(value)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    // ---- audit -------------------------------------------------------------------------
+
+    /// Writes an audit entry on its own.
+    pub async fn audit(&self, at: i64, change: Change<'_>) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        insert_audit(&mut tx, at, &change).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The newest `limit` entries, newest first.
+    pub async fn audit_entries(&self, limit: u32) -> Result<Vec<AuditEntry>, StoreError> {
+        let rows = sqlx::query("SELECT id, at, actor, action, target, from_value, to_value, reason FROM audit ORDER BY id DESC LIMIT ?")
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| AuditEntry {
+                id: r.get(0),
+                at: tollgate::rfc3339(r.get(1)),
+                actor: r.get(2),
+                action: r.get(3),
+                target: r.get(4),
+                from: r.get(5),
+                to: r.get(6),
+                reason: r.get(7),
+            })
+            .collect())
+    }
+
+    // ---- settings overrides ------------------------------------------------------------
+
+    /// Sets (`Some`) or removes (`None`) an override, with its audit entry, atomically.
+    pub async fn put_override(
+        &self,
+        scope: &str,
+        key: &str,
+        value: Option<&serde_json::Value>,
+        at: i64,
+        change: Change<'_>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        match value {
+            Some(v) => {
+                sqlx::query("INSERT INTO settings_overrides (scope, key, value) VALUES (?, ?, ?) ON CONFLICT (scope, key) DO UPDATE SET value = excluded.value")
+                    .bind(scope)
+                    .bind(key)
+                    .bind(v.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            None => {
+                sqlx::query("DELETE FROM settings_overrides WHERE scope = ? AND key = ?")
+                    .bind(scope)
+                    .bind(key)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        insert_audit(&mut tx, at, &change).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Every override, as (scope, key, value).
+    pub async fn overrides(&self) -> Result<Vec<(String, String, serde_json::Value)>, StoreError> {
+        let rows = sqlx::query("SELECT scope, key, value FROM settings_overrides")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let value: String = r.get(2);
+                let value = serde_json::from_str(&value)
+                    .map_err(|e| StoreError::Corrupt(format!("override value: {e}")))?;
+                Ok((r.get(0), r.get(1), value))
+            })
+            .collect()
+    }
+
+    // ---- runs --------------------------------------------------------------------------
+
+    /// Stores a created run.
+    pub async fn insert_run(
+        &self,
+        spec: &RunSpec,
+        info: &RunInfo,
+        at: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO runs (id, spec, info, created_at) VALUES (?, ?, ?, ?)")
+            .bind(&info.id)
+            .bind(json(spec)?)
+            .bind(json(info)?)
+            .bind(at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Every run, in creation order (parents before children).
+    pub async fn runs(&self) -> Result<Vec<(RunSpec, RunInfo)>, StoreError> {
+        let rows = sqlx::query("SELECT spec, info FROM runs ORDER BY rowid")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    parse(&r.get::<String, _>(0))?,
+                    parse(&r.get::<String, _>(1))?,
+                ))
+            })
+            .collect()
+    }
+
+    // ---- leases ------------------------------------------------------------------------
+
+    /// Stores a granted lease.
+    pub async fn insert_lease(
+        &self,
+        id: &str,
+        resource: &str,
+        subject: &Subject,
+        expires_at: Option<i64>,
+        at: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO leases (id, resource, subject, expires_at, created_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(id)
+            .bind(resource)
+            .bind(json(subject)?)
+            .bind(expires_at)
+            .bind(at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes a lease; `false` when there was none.
+    pub async fn delete_lease(&self, id: &str) -> Result<bool, StoreError> {
+        let r = sqlx::query("DELETE FROM leases WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    // ---- spend -------------------------------------------------------------------------
+
+    /// Makes a recorded cost durable; returns once it is committed (group commit).
+    pub async fn record_spend(
+        &self,
+        decision: &str,
+        at: i64,
+        cost: Micros,
+        recorded_at: i64,
+        sinks: Vec<SpendSink>,
+    ) -> Result<(), StoreError> {
+        let (reply, done) = oneshot::channel();
+        let write = SpendWrite {
+            decision: decision.to_string(),
+            at,
+            cost: cost.0,
+            recorded_at,
+            sinks,
+        };
+        self.writer
+            .send((write, reply))
+            .await
+            .map_err(|_| StoreError::WriterStopped)?;
+        match done.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Corrupt(e)),
+            Err(_) => Err(StoreError::WriterStopped),
+        }
+    }
+
+    /// Whether a decision's cost was recorded (idempotency across restarts).
+    pub async fn spend_recorded(&self, decision: &str) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT 1 FROM spend WHERE decision_id = ?")
+            .bind(decision)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    // ---- restore -----------------------------------------------------------------------
+
+    /// Replays the durable state into a fresh engine and its ledger: the newest policy
+    /// version, settings overrides, runs (on their own versions), live leases and every
+    /// recorded spend. Returns the restored policy version, if any.
+    pub async fn restore(
+        &self,
+        engine: &Engine,
+        ledger: &MemoryLedger,
+        now: i64,
+    ) -> Result<Option<u64>, StoreError> {
+        let Some(latest) = self.latest_policy().await? else {
+            return Ok(None);
+        };
+        let set = engine.compile(&latest.source).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "stored policy version {} no longer compiles: {e}",
+                latest.version
+            ))
+        })?;
+        engine.install_version(set, latest.version);
+        for (scope, key, value) in self.overrides().await? {
+            if let Err(e) = engine.set_setting(&scope, &key, value) {
+                tracing::warn!(%scope, %key, error = %e, "stored override no longer applies; ignored");
+            }
+        }
+        for (spec, info) in self.runs().await? {
+            let source = self
+                .policy_version(info.policy_version)
+                .await?
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "run `{}` names missing policy version {}",
+                        info.id, info.policy_version
+                    ))
+                })?;
+            let set = engine
+                .compile(&source.source)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            engine
+                .restore_run(&spec, info, set)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        }
+        let leases = sqlx::query("SELECT id, resource, subject, expires_at FROM leases WHERE expires_at IS NULL OR expires_at > ?")
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await?;
+        for r in &leases {
+            let id: String = r.get(0);
+            let id = uuid_u128(&id)?;
+            let subject: Subject = parse(&r.get::<String, _>(2))?;
+            ledger.restore_lease(id, &r.get::<String, _>(1), subject, r.get(3));
+        }
+        let rows = sqlx::query(
+            "SELECT s.decision_id, s.at, s.cost, k.policy, k.rule, k.dims, k.vals FROM spend s JOIN spend_sinks k ON k.decision_id = s.decision_id ORDER BY s.decision_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut current: Option<(String, i64, i64, Vec<SpendSink>)> = None;
+        for r in &rows {
+            let decision: String = r.get(0);
+            if current.as_ref().is_some_and(|c| c.0 != decision) {
+                let (_, at, cost, sinks) = current.take().expect("checked");
+                ledger.restore_spend(&sinks, at, Micros(cost));
+            }
+            let entry =
+                current.get_or_insert_with(|| (decision.clone(), r.get(1), r.get(2), Vec::new()));
+            let dims: Vec<String> = parse(&r.get::<String, _>(5))?;
+            entry.3.push(SpendSink {
+                policy: r.get(3),
+                rule: r.get(4),
+                by: dims
+                    .iter()
+                    .map(|d| {
+                        Dimension::parse(d)
+                            .ok_or_else(|| StoreError::Corrupt(format!("dimension `{d}`")))
+                    })
+                    .collect::<Result<_, _>>()?,
+                values: parse(&r.get::<String, _>(6))?,
+            });
+        }
+        if let Some((_, at, cost, sinks)) = current {
+            ledger.restore_spend(&sinks, at, Micros(cost));
+        }
+        tracing::info!(
+            version = latest.version,
+            leases = leases.len(),
+            spend_rows = rows.len(),
+            "restored state from the store"
+        );
+        Ok(Some(latest.version))
+    }
+}
+
+fn uuid_u128(text: &str) -> Result<u128, StoreError> {
+    u128::from_str_radix(&text.replace('-', ""), 16)
+        .map_err(|_| StoreError::Corrupt(format!("id `{text}`")))
+}
+
+fn json<T: Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(text: &str) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn policy_row(r: &sqlx::sqlite::SqliteRow) -> PolicyVersion {
+    PolicyVersion {
+        version: r.get::<i64, _>(0) as u64,
+        source: r.get(1),
+        created_at: r.get(2),
+        actor: r.get(3),
+        reason: r.get(4),
+    }
+}
+
+async fn insert_audit(
+    tx: &mut sqlx::SqliteConnection,
+    at: i64,
+    c: &Change<'_>,
+) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO audit (at, actor, action, target, from_value, to_value, reason) VALUES (?, ?, ?, ?, ?, ?, ?)")
+        .bind(at)
+        .bind(c.actor)
+        .bind(c.action)
+        .bind(c.target)
+        .bind(&c.from)
+        .bind(&c.to)
+        .bind(c.reason)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// The group-commit writer: every waiting spend record goes into one transaction.
+async fn group_commit(pool: SqlitePool, mut rx: mpsc::Receiver<(SpendWrite, WriteReply)>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < GROUP {
+            match rx.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(_) => break,
+            }
+        }
+        let result = write_batch(&pool, &batch).await.map_err(|e| e.to_string());
+        if let Err(e) = &result {
+            tracing::error!(error = %e, records = batch.len(), "spend write failed; the records are not acknowledged");
+        }
+        for (_, reply) in batch {
+            let _ = reply.send(result.clone());
+        }
+    }
+}
+
+async fn write_batch(
+    pool: &SqlitePool,
+    batch: &[(SpendWrite, WriteReply)],
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    for (w, _) in batch {
+        let inserted = sqlx::query(
+            "INSERT OR IGNORE INTO spend (decision_id, at, cost, recorded_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(&w.decision)
+        .bind(w.at)
+        .bind(w.cost)
+        .bind(w.recorded_at)
+        .execute(&mut *tx)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            continue;
+        }
+        for s in &w.sinks {
+            let dims: Vec<String> = s.by.iter().map(ToString::to_string).collect();
+            sqlx::query("INSERT INTO spend_sinks (decision_id, policy, rule, dims, vals) VALUES (?, ?, ?, ?, ?)")
+                .bind(&w.decision)
+                .bind(&s.policy)
+                .bind(&s.rule)
+                .bind(json(&dims)?)
+                .bind(json(&s.values)?)
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
