@@ -1,0 +1,271 @@
+//! Kill -9 and restart: the policy version, every acknowledged spend, the audit log,
+//! runs, overrides and live leases are back, and budgets continue where they were.
+
+mod common;
+
+use common::{ADMIN, Server, client};
+use serde_json::{Value, json};
+
+const POLICY: &str = r#"
+settings:
+  batch: {type: integer, default: 8}
+policies:
+  - name: base
+    rules:
+      - {id: monthly, type: budget, limit_usd: 1, period: month, by: [user]}
+      - {id: gpu, type: quota, resource: gpu, max: 1, by: [user]}
+"#;
+
+async fn post(c: &reqwest::Client, url: String, body: Value) -> (u16, Value) {
+    let r = c.post(url).json(&body).send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn state_survives_sigkill() {
+    let server = Server::start(Some(POLICY), &[]);
+    let config = server.dir.join("policy.yaml");
+    let c = client();
+    let admin = |r: reqwest::RequestBuilder| {
+        r.header("X-Admin-Key", ADMIN)
+            .header("X-Reason", "before the crash")
+    };
+
+    let edited = format!("{POLICY}      - {{id: rpm, type: rate, limit: 100, per: 1m}}\n");
+    assert_eq!(
+        admin(c.put(server.url("/v1/admin/policy")))
+            .body(edited)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    let r = admin(c.put(server.url("/v1/admin/settings/batch?scope=user:u1")))
+        .json(&json!({"value": 32}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
+    let (status, _) = post(
+        &c,
+        server.url("/v1/runs"),
+        json!({"id": "r1", "budget_usd": "1"}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, lease) = post(
+        &c,
+        server.url("/v1/leases"),
+        json!({"subject": {"user": "u1"}, "resource": "gpu"}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (_, d) = post(
+        &c,
+        server.url("/v1/check"),
+        json!({"subject": {"user": "u1"}, "estimate": {"cost_usd": "0.6"}}),
+    )
+    .await;
+    let spent = d["decision_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        post(
+            &c,
+            server.url("/v1/record"),
+            json!({"decision_id": spent, "cost_usd": "0.5"})
+        )
+        .await
+        .0,
+        200
+    );
+    let (_, d) = post(
+        &c,
+        server.url("/v1/check"),
+        json!({"subject": {"user": "u2", "run": "r1"}, "estimate": {"cost_usd": "0.4"}}),
+    )
+    .await;
+    let in_run = d["decision_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        post(
+            &c,
+            server.url("/v1/record"),
+            json!({"decision_id": in_run, "cost_usd": "0.4"})
+        )
+        .await
+        .0,
+        200
+    );
+    let (_, audit_before) = {
+        let r = admin(c.get(server.url("/v1/admin/audit")))
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.json::<Value>().await.unwrap())
+    };
+
+    let dir = server.kill();
+    let server = Server::start_in(&dir, Some(&config), &[]);
+
+    // same policy version: the unchanged --config file does not overwrite the admin edit
+    let (_, p) = {
+        let r = admin(c.get(server.url("/v1/admin/policy")))
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.json::<Value>().await.unwrap())
+    };
+    assert_eq!(p["version"], 2);
+    let audit_after: Value = admin(c.get(server.url("/v1/admin/audit")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(audit_after, audit_before);
+
+    // acknowledged spend is back, and the budget continues from it
+    let usage: Value = c
+        .get(server.url("/v1/usage?dimension=user&id=u1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(usage["items"][0]["spent_usd"], "0.500000");
+    let (status, d) = post(
+        &c,
+        server.url("/v1/check"),
+        json!({"subject": {"user": "u1"}, "estimate": {"cost_usd": "0.6"}}),
+    )
+    .await;
+    assert_eq!((status, d["rule"].as_str()), (429, Some("monthly")));
+    // recording the same decision again still counts once
+    let (_, r) = post(
+        &c,
+        server.url("/v1/record"),
+        json!({"decision_id": spent, "cost_usd": "0.5"}),
+    )
+    .await;
+    assert_eq!(r["duplicate"], true);
+
+    // the run, its snapshot and its spend
+    let run: Value = c
+        .get(server.url("/v1/runs/r1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(run["policy_version"], 2);
+    let (status, d) = post(
+        &c,
+        server.url("/v1/check"),
+        json!({"subject": {"user": "u3", "run": "r1"}, "estimate": {"cost_usd": "0.7"}}),
+    )
+    .await;
+    assert_eq!((status, d["policy"].as_str()), (429, Some("run:r1")));
+
+    // the override
+    let s: Value = c
+        .get(server.url("/v1/settings/effective?user=u1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        s["settings"]["batch"],
+        json!({"value": 32, "source": "override:user:u1"})
+    );
+
+    // the live lease still holds its slot, and can be released
+    let (status, _) = post(
+        &c,
+        server.url("/v1/leases"),
+        json!({"subject": {"user": "u1"}, "resource": "gpu"}),
+    )
+    .await;
+    assert_eq!(status, 429);
+    let id = lease["lease_id"].as_str().unwrap();
+    assert_eq!(
+        c.delete(server.url(&format!("/v1/leases/{id}")))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        204
+    );
+    let (status, _) = post(
+        &c,
+        server.url("/v1/leases"),
+        json!({"subject": {"user": "u1"}, "resource": "gpu"}),
+    )
+    .await;
+    assert_eq!(status, 201);
+
+    // a changed --config file becomes a new version on the next start
+    let dir = server.kill();
+    std::fs::write(&config, "policies: []\n").unwrap();
+    let server = Server::start_in(&dir, Some(&config), &[]);
+    let p: Value = admin(c.get(server.url("/v1/admin/policy")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(p["version"], 3);
+}
+
+#[tokio::test]
+async fn an_invalid_config_file_refuses_to_start() {
+    let dir = std::env::temp_dir().join(format!("tollgate-bad-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("bad.yaml");
+    std::fs::write(&config, "policies:\n  - {name: a, inherit: [ghost]}\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.join("data"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.yaml:2:") && err.contains("unknown parent policy `ghost`"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn sigterm_stops_cleanly_after_in_flight_requests() {
+    let mut server = Server::start(None, &[]);
+    let c = client();
+    assert_eq!(
+        c.get(server.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    let pid = server.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}

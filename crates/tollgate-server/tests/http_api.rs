@@ -1,0 +1,746 @@
+//! The HTTP API against a real server process: every endpoint, status and error.
+
+mod common;
+
+use common::{ADMIN, Server, client};
+use serde_json::{Value, json};
+
+const POLICY: &str = r#"
+settings:
+  worker.batch: {type: integer, default: 8, min: 1, max: 64}
+policies:
+  - name: base
+    guardrails: [pii-mask]
+    rules:
+      - {id: rpm, type: rate, limit: 2, per: 1m, by: [user]}
+      - {id: no-big, type: restrict_models, deny: [big]}
+      - {id: monthly, type: budget, limit_usd: 1, period: month, by: [user]}
+      - {id: slots, type: quota, resource: gpu, max: 1, by: [user]}
+"#;
+
+async fn json_of(r: reqwest::Response) -> (u16, Value) {
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn decisions_records_leases_runs_and_errors() {
+    let server = Server::start(Some(POLICY), &[]);
+    let c = client();
+    let check = |body: Value| c.post(server.url("/v1/check")).json(&body).send();
+
+    let (status, d) = json_of(
+        check(json!({"subject": {"user": "u1"}, "estimate": {"cost_usd": "0.4"}}))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, d["code"].as_str()), (200, Some("ALLOWED")));
+    assert_eq!(d["guardrails"], json!(["pii-mask"]));
+    let decision_id = d["decision_id"].as_str().unwrap().to_string();
+
+    let (status, d) = json_of(
+        check(json!({"subject": {"user": "u1"}, "model": "big"}))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, d["rule"].as_str()), (403, Some("no-big")));
+
+    c.post(server.url("/v1/check"))
+        .json(&json!({"subject": {"user": "u1"}}))
+        .send()
+        .await
+        .unwrap();
+    let r = check(json!({"subject": {"user": "u1"}})).await.unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    let (_, d) = json_of(r).await;
+    assert_eq!(d["code"], "RATE_LIMITED");
+
+    // explain
+    let (_, d) = json_of(
+        c.post(server.url("/v1/check?explain=true"))
+            .json(&json!({"subject": {"user": "u9"}}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(!d["trace"].as_array().unwrap().is_empty());
+
+    // bad bodies
+    let (status, e) = json_of(check(json!({"subjcet": {"user": "u1"}})).await.unwrap()).await;
+    assert_eq!(status, 400);
+    assert_eq!(e["error"]["details"][0]["field"], "subjcet");
+    let (status, e) = json_of(
+        c.post(server.url("/v1/check"))
+            .body("{not json")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (400, Some("INVALID_REQUEST"))
+    );
+    let big = format!(
+        "{{\"labels\": {{\"x\": \"{}\"}}}}",
+        "a".repeat(2 * 1024 * 1024)
+    );
+    // (a fresh client: the server closes a connection whose body it refused)
+    let (status, e) = json_of(
+        client()
+            .post(server.url("/v1/check"))
+            .body(big)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (413, Some("PAYLOAD_TOO_LARGE"))
+    );
+    let (status, _) = json_of(
+        c.post(server.url("/v1/check?explian=true"))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 400);
+
+    // record: once, then duplicate; unknown decisions are 404
+    let record = |id: &str, cost: &str| {
+        c.post(server.url("/v1/record"))
+            .json(&json!({"decision_id": id, "cost_usd": cost}))
+            .send()
+    };
+    let (status, r) = json_of(record(&decision_id, "0.25").await.unwrap()).await;
+    assert_eq!(
+        (status, r),
+        (200, json!({"recorded": true, "duplicate": false}))
+    );
+    let (status, r) = json_of(record(&decision_id, "0.25").await.unwrap()).await;
+    assert_eq!(
+        (status, r),
+        (200, json!({"recorded": true, "duplicate": true}))
+    );
+    let (status, _) = json_of(
+        record("01a20154-31c5-7bfe-9bcd-389f616ff307", "1")
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, _) = json_of(record("nope", "1").await.unwrap()).await;
+    assert_eq!(status, 400);
+
+    // usage
+    let (status, u) = json_of(
+        c.get(server.url("/v1/usage?dimension=user&id=u1"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(u["items"][0]["spent_usd"], "0.250000");
+    assert_eq!(u["items"][0]["remaining_usd"], "0.750000");
+
+    // leases
+    let lease = |user: &str| {
+        c.post(server.url("/v1/leases"))
+            .json(&json!({"subject": {"user": user}, "resource": "gpu"}))
+            .send()
+    };
+    let (status, d) = json_of(lease("u2").await.unwrap()).await;
+    assert_eq!(status, 201);
+    let lease_id = d["lease_id"].as_str().unwrap().to_string();
+    let (status, d) = json_of(lease("u2").await.unwrap()).await;
+    assert_eq!((status, d["code"].as_str()), (429, Some("QUOTA_EXCEEDED")));
+    assert_eq!(
+        c.delete(server.url(&format!("/v1/leases/{lease_id}")))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        204
+    );
+    assert_eq!(
+        c.delete(server.url(&format!("/v1/leases/{lease_id}")))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        404
+    );
+    assert_eq!(lease("u2").await.unwrap().status().as_u16(), 201);
+    let (status, _) = json_of(
+        c.post(server.url("/v1/leases"))
+            .json(&json!({"subject": {"user": "u3"}}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 400);
+
+    // runs
+    let (status, run) = json_of(
+        c.post(server.url("/v1/runs"))
+            .json(&json!({"id": "r1", "subject": {"user": "u5"}, "budget_usd": "0.5"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 201);
+    assert_eq!(
+        run["settings"]["worker.batch"],
+        json!({"value": 8, "source": "run:r1"})
+    );
+    assert_eq!(run["budget_usd"], "0.500000");
+    assert_eq!(
+        c.post(server.url("/v1/runs"))
+            .json(&json!({"id": "r1"}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        409
+    );
+    assert_eq!(
+        c.post(server.url("/v1/runs"))
+            .json(&json!({"id": "r2", "parent": "ghost"}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        422
+    );
+    let (status, got) = json_of(c.get(server.url("/v1/runs/r1")).send().await.unwrap()).await;
+    assert_eq!((status, got["id"].as_str()), (200, Some("r1")));
+    assert_eq!(
+        c.get(server.url("/v1/runs/zz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        404
+    );
+    let (status, d) = json_of(
+        check(json!({"subject": {"user": "u6", "run": "r1"}, "estimate": {"cost_usd": "0.6"}}))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, d["code"].as_str(), d["policy"].as_str()),
+        (429, Some("BUDGET_EXCEEDED"), Some("run:r1"))
+    );
+    let (status, d) = json_of(
+        check(json!({"subject": {"user": "u6", "run": "nope"}}))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, d["code"].as_str()), (403, Some("POLICY_DENIED")));
+
+    // effective settings
+    let (status, s) = json_of(
+        c.get(server.url("/v1/settings/effective?team=t1"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, &s["settings"]["worker.batch"]),
+        (200, &json!({"value": 8, "source": "default"}))
+    );
+    let (status, _) = json_of(
+        c.get(server.url("/v1/settings/effective?run=nope"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 404);
+
+    // operations
+    assert_eq!(
+        c.get(server.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    assert_eq!(
+        c.get(server.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    let metrics = c
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tollgate_decisions_total{code=\"RATE_LIMITED\",rule=\"rpm\""),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tollgate_decision_seconds_bucket"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("tollgate_policy_version 1"), "{metrics}");
+    let (_, api) = json_of(c.get(server.url("/openapi.json")).send().await.unwrap()).await;
+    for path in [
+        "/v1/check",
+        "/v1/record",
+        "/v1/leases",
+        "/v1/leases/{id}",
+        "/v1/runs",
+        "/v1/runs/{id}",
+        "/v1/settings/effective",
+        "/v1/usage",
+        "/v1/admin/policy",
+        "/v1/admin/policy/versions",
+        "/v1/admin/policy/versions/{version}",
+        "/v1/admin/policy/rollback/{version}",
+        "/v1/admin/settings/{key}",
+        "/v1/admin/audit",
+        "/v1/products/{id}/policy",
+        "/v1/products/{id}/admit",
+        "/v1/products/{id}/provision",
+        "/v1/products/{id}/provision/{lease_id}",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+    ] {
+        assert!(api["paths"].get(path).is_some(), "openapi lacks {path}");
+    }
+    assert_eq!(
+        c.get(server.url("/v2/nothing"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        404
+    );
+}
+
+#[tokio::test]
+async fn api_and_admin_keys() {
+    let server = Server::start(None, &[("TOLLGATE_API_KEYS", "svc=data-key")]);
+    let c = client();
+    let (status, e) = json_of(
+        c.post(server.url("/v1/check"))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (401, Some("UNAUTHORIZED"))
+    );
+    let r = c
+        .post(server.url("/v1/check"))
+        .bearer_auth("wrong")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let r = c
+        .post(server.url("/v1/check"))
+        .bearer_auth("data-key")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        c.get(server.url("/v1/admin/policy"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        401
+    );
+    assert_eq!(
+        c.get(server.url("/v1/admin/policy"))
+            .header("X-Admin-Key", "nope")
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        401
+    );
+    assert_eq!(
+        c.get(server.url("/v1/admin/policy"))
+            .header("X-Admin-Key", ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+
+    // Without any admin key configured, the control plane refuses everything.
+    let closed = Server::start(None, &[("TOLLGATE_ADMIN_KEYS", "")]);
+    let r = c
+        .get(closed.url("/v1/admin/policy"))
+        .header("X-Admin-Key", ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+}
+
+#[tokio::test]
+async fn control_plane_versions_settings_and_audit() {
+    let server = Server::start(Some(POLICY), &[]);
+    let c = client();
+    let admin = |r: reqwest::RequestBuilder| r.header("X-Admin-Key", ADMIN);
+
+    let (status, p) = json_of(
+        admin(c.get(server.url("/v1/admin/policy")))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, p["version"].as_u64()), (200, Some(1)));
+    assert_eq!(p["document"]["policies"][0]["name"], "base");
+    let yaml = admin(c.get(server.url("/v1/admin/policy?format=yaml")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(yaml, POLICY);
+
+    // invalid: 422 with every error, located; nothing changes
+    let bad = "policies:\n  - {name: a, inherit: [ghost]}\n  - {name: b, rules: [{id: r, type: rate, limit: 1, per: forever}]}\n";
+    let (status, e) = json_of(
+        admin(c.put(server.url("/v1/admin/policy")))
+            .body(bad)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (422, Some("INVALID_POLICY"))
+    );
+    let details = e["error"]["details"].as_array().unwrap();
+    assert_eq!(details.len(), 2);
+    assert_eq!(
+        (details[0]["line"].as_u64(), details[0]["path"].as_str()),
+        (Some(2), Some("policies[0].inherit[0]"))
+    );
+    assert_eq!(details[1]["line"].as_u64(), Some(3));
+
+    // stale If-Match: 409; right one: applied (JSON body this time)
+    let new = json!({"policies": [{"name": "only", "rules": [{"id": "no-x", "type": "restrict_models", "deny": ["x"]}]}]}).to_string();
+    let r = admin(c.put(server.url("/v1/admin/policy")))
+        .header("If-Match", "5")
+        .body(new.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 409);
+    let r = admin(c.put(server.url("/v1/admin/policy")))
+        .header("If-Match", "1")
+        .header("X-Reason", "tighten models")
+        .header("Content-Type", "application/json")
+        .body(new)
+        .send()
+        .await
+        .unwrap();
+    let (status, v) = json_of(r).await;
+    assert_eq!((status, v["version"].as_u64()), (200, Some(2)));
+    // the very next request sees it
+    let (status, d) = json_of(
+        c.post(server.url("/v1/check"))
+            .json(&json!({"model": "x"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, d["policy_version"].as_u64()), (403, Some(2)));
+
+    // versions, fetch, rollback
+    let (_, vs) = json_of(
+        admin(c.get(server.url("/v1/admin/policy/versions")))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let versions: Vec<u64> = vs["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions, vec![2, 1]);
+    assert_eq!(vs["versions"][0]["actor"], "alice");
+    assert_eq!(vs["versions"][0]["reason"], "tighten models");
+    let (status, v1) = json_of(
+        admin(c.get(server.url("/v1/admin/policy/versions/1")))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, v1["document"]["policies"][0]["name"].as_str()),
+        (200, Some("base"))
+    );
+    assert_eq!(
+        admin(c.get(server.url("/v1/admin/policy/versions/99")))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        404
+    );
+    let (status, r) = json_of(
+        admin(c.post(server.url("/v1/admin/policy/rollback/1")))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, r["version"].as_u64()), (200, Some(3)));
+    let (_, d) = json_of(
+        c.post(server.url("/v1/check"))
+            .json(&json!({"model": "x"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (d["allowed"].as_bool(), d["policy_version"].as_u64()),
+        (Some(true), Some(3))
+    );
+
+    // settings overrides
+    let put = |key: &str, scope: &str, value: Value| {
+        admin(c.put(server.url(&format!("/v1/admin/settings/{key}?scope={scope}"))))
+            .header("X-Reason", "tuning")
+            .json(&json!({"value": value}))
+            .send()
+    };
+    let (status, e) = json_of(put("worker.batch", "team:t1", json!(100)).await.unwrap()).await;
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (422, Some("INVALID_SETTING"))
+    );
+    assert_eq!(
+        put("no.such", "global", json!(1))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        422
+    );
+    assert_eq!(
+        put("worker.batch", "galaxy:x", json!(1))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        422
+    );
+    let (status, r) = json_of(put("worker.batch", "team:t1", json!(16)).await.unwrap()).await;
+    assert_eq!((status, &r["previous"]), (200, &Value::Null));
+    let (_, s) = json_of(
+        c.get(server.url("/v1/settings/effective?team=t1"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        s["settings"]["worker.batch"],
+        json!({"value": 16, "source": "override:team:t1"})
+    );
+    let del = admin(c.delete(server.url("/v1/admin/settings/worker.batch?scope=team:t1")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status().as_u16(), 204);
+    let del = admin(c.delete(server.url("/v1/admin/settings/worker.batch?scope=team:t1")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status().as_u16(), 404);
+
+    // audit: newest first, with who / what / from / to / why
+    let (_, a) = json_of(
+        admin(c.get(server.url("/v1/admin/audit?limit=3")))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let entries = a["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 3);
+    assert_eq!(
+        (
+            entries[0]["action"].as_str(),
+            entries[0]["from"].as_str(),
+            entries[0]["to"].as_str()
+        ),
+        (Some("setting.remove"), Some("16"), None)
+    );
+    assert_eq!(
+        (
+            entries[1]["action"].as_str(),
+            entries[1]["to"].as_str(),
+            entries[1]["reason"].as_str()
+        ),
+        (Some("setting.set"), Some("16"), Some("tuning"))
+    );
+    assert_eq!(
+        (
+            entries[2]["action"].as_str(),
+            entries[2]["from"].as_str(),
+            entries[2]["to"].as_str()
+        ),
+        (Some("policy.rollback"), Some("2"), Some("3"))
+    );
+    assert_eq!(entries[2]["actor"], "alice");
+}
+
+#[tokio::test]
+async fn product_admission_convention() {
+    let server = Server::start(None, &[]);
+    let c = client();
+    let limits = |id: &str, body: Value| {
+        c.put(server.url(&format!("/v1/products/{id}/policy")))
+            .header("X-Admin-Key", ADMIN)
+            .json(&body)
+            .send()
+    };
+    assert_eq!(
+        c.put(server.url("/v1/products/acme/policy"))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        401
+    );
+    let (status, r) = json_of(
+        limits("acme", json!({"max_engines": 2, "rate_limit_rpm": 3}))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, r["version"].as_u64()), (200, Some(2)));
+    assert_eq!(
+        limits("acme", json!({"max_engins": 2}))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        400
+    );
+
+    let provision = |id: &str| {
+        c.post(server.url(&format!("/v1/products/{id}/provision")))
+            .send()
+    };
+    let (status, first) = json_of(provision("acme").await.unwrap()).await;
+    assert_eq!(status, 201);
+    assert_eq!(provision("acme").await.unwrap().status().as_u16(), 201);
+    let (status, e) = json_of(provision("acme").await.unwrap()).await;
+    assert_eq!(status, 429);
+    assert_eq!(
+        e["error"],
+        json!({"code": "QUOTA_EXCEEDED", "message": "Product at max_engines limit (2).", "details": e["error"]["details"]})
+    );
+    let lease = first["lease_id"].as_str().unwrap();
+    assert_eq!(
+        c.delete(server.url(&format!("/v1/products/acme/provision/{lease}")))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        204
+    );
+    assert_eq!(provision("acme").await.unwrap().status().as_u16(), 201);
+
+    let admit = |id: &str| {
+        c.post(server.url(&format!("/v1/products/{id}/admit")))
+            .send()
+    };
+    for _ in 0..3 {
+        assert_eq!(admit("acme").await.unwrap().status().as_u16(), 200);
+    }
+    let r = admit("acme").await.unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (_, e) = json_of(r).await;
+    assert_eq!(e["error"]["code"], "RATE_LIMITED");
+    assert_eq!(
+        e["error"]["message"],
+        format!("Rate limit exceeded. Retry in {retry} seconds.")
+    );
+
+    // another product has no limits; `{}` removes acme's
+    for _ in 0..5 {
+        assert_eq!(admit("other").await.unwrap().status().as_u16(), 200);
+    }
+    limits("acme", json!({})).await.unwrap();
+    assert_eq!(admit("acme").await.unwrap().status().as_u16(), 200);
+    assert_eq!(provision("acme").await.unwrap().status().as_u16(), 201);
+    // lowering max_engines keeps the live engines and refuses new ones
+    limits("acme", json!({"max_engines": 1})).await.unwrap();
+    assert_eq!(provision("acme").await.unwrap().status().as_u16(), 429);
+}
