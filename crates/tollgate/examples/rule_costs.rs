@@ -33,6 +33,17 @@ fn main() {
             r
         })
         .collect();
+    // Last, all ten together.
+    let all = format!(
+        "[{}]",
+        rules[1..]
+            .iter()
+            .map(|r| r.trim_start_matches('[').trim_end_matches(']'))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut rules: Vec<&str> = rules.to_vec();
+    rules.push(&all);
     for r in rules
         .iter()
         .filter(|r| only.as_deref().is_none_or(|o| r.contains(o)))

@@ -284,7 +284,7 @@ pub(crate) fn decide(
                     settings: inputs.settings,
                     alerts: Vec::new(),
                     retry_after_ms: None,
-                    decision_id: uuid::Uuid::from_u128(inputs.decision_id).to_string(),
+                    decision_id: id_text(inputs.decision_id),
                     remaining: BTreeMap::new(),
                     trace,
                     lease_id: None,
@@ -325,7 +325,7 @@ pub(crate) fn decide(
         settings: inputs.settings,
         alerts: Vec::new(),
         retry_after_ms: None,
-        decision_id: uuid::Uuid::from_u128(inputs.decision_id).to_string(),
+        decision_id: id_text(inputs.decision_id),
         remaining: BTreeMap::new(),
         trace: Vec::new(),
         lease_id: None,
@@ -342,7 +342,7 @@ pub(crate) fn decide(
                 OpKind::Rate { .. } | OpKind::Lease { .. } => {
                     Some(Remaining::Count(result.remaining))
                 }
-                OpKind::Spend { .. } => Some(Remaining::Usd(Micros(result.remaining).to_string())),
+                OpKind::Spend { .. } => Some(Remaining::Usd(Micros(result.remaining).to_decimal())),
                 OpKind::Forecast { .. } => None,
             };
             if let Some(r) = remaining {
@@ -416,11 +416,20 @@ pub(crate) fn decide(
     } else {
         decision.retry_after_ms = None;
         if plan.lease.is_some() {
-            decision.lease_id = Some(uuid::Uuid::from_u128(inputs.lease_id).to_string());
+            decision.lease_id = Some(id_text(inputs.lease_id));
         }
     }
     decision.trace = trace;
     decision
+}
+
+/// An id as a hyphenated UUID, without the formatting machinery.
+pub(crate) fn id_text(id: u128) -> String {
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    uuid::Uuid::from_u128(id)
+        .hyphenated()
+        .encode_lower(&mut buf)
+        .to_owned()
 }
 
 fn alert(rule: &Rule, reason: &str) -> Alert {

@@ -101,17 +101,41 @@ impl Micros {
     }
 }
 
+impl Micros {
+    /// `3.120000`, written without the formatting machinery (it runs on every decision).
+    pub fn to_decimal(self) -> String {
+        let mut buf = [0u8; 28];
+        let mut i = buf.len();
+        let abs = self.0.unsigned_abs();
+        let (mut whole, mut frac) = (abs / Self::PER_USD as u64, abs % Self::PER_USD as u64);
+        for _ in 0..6 {
+            i -= 1;
+            buf[i] = b'0' + (frac % 10) as u8;
+            frac /= 10;
+        }
+        i -= 1;
+        buf[i] = b'.';
+        loop {
+            i -= 1;
+            buf[i] = b'0' + (whole % 10) as u8;
+            whole /= 10;
+            if whole == 0 {
+                break;
+            }
+        }
+        if self.0 < 0 {
+            i -= 1;
+            buf[i] = b'-';
+        }
+        // Only ASCII digits, '.', '-' were written.
+        String::from_utf8_lossy(&buf[i..]).into_owned()
+    }
+}
+
 impl fmt::Display for Micros {
     /// Six decimal places: `3.120000`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let sign = if self.0 < 0 { "-" } else { "" };
-        let abs = self.0.unsigned_abs();
-        write!(
-            f,
-            "{sign}{}.{:06}",
-            abs / Self::PER_USD as u64,
-            abs % Self::PER_USD as u64
-        )
+        f.write_str(&self.to_decimal())
     }
 }
 
@@ -206,6 +230,9 @@ mod tests {
 
     #[test]
     fn displays_six_places() {
+        assert_eq!(Micros(i64::MIN).to_string(), "-9223372036854.775808");
+        assert_eq!(Micros(i64::MAX).to_string(), "9223372036854.775807");
+        assert_eq!(Micros(12).to_string(), "0.000012");
         assert_eq!(Micros(3_120_000).to_string(), "3.120000");
         assert_eq!(Micros(-5).to_string(), "-0.000005");
         assert_eq!(Micros(0).to_string(), "0.000000");

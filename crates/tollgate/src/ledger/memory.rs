@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, MutexGuard};
 use rustc_hash::FxHashMap;
+use smallvec::SmallVec;
 
 use super::{
     Algorithm, Apply, CounterKey, Ledger, LedgerError, Op, OpKind, OpResult, Plan, RecordOutcome,
@@ -208,16 +209,19 @@ struct Shard {
 impl Shard {
     fn maybe_sweep(&mut self, now: i64) {
         self.ops += 1;
-        if self.ops >= SWEEP_EVERY {
+        // A sweep visits every counter of the shard: at most one visit per 8 operations.
+        if self.ops >= SWEEP_EVERY.max(8 * self.counters.len() as u32) {
             self.ops = 0;
             self.counters.retain(|_, c| c.idle_at > now);
         }
     }
 }
 
+type Sinks = SmallVec<[(u128, Arc<Label>); 4]>;
+
 struct DecisionRecord {
     at: i64,
-    sinks: Vec<(u128, Arc<Label>)>,
+    sinks: Sinks,
     recorded: bool,
     retain_until: i64,
 }
@@ -380,7 +384,7 @@ impl MemoryLedger {
 
     /// Applies a claimed record: the reservations go, the cost counts at the check's time.
     pub fn finish_record(&self, pending: &PendingRecord, cost: Micros) {
-        let sinks: Vec<(u128, Arc<Label>)> = {
+        let sinks: Sinks = {
             let decisions = self.decisions[shard_of(pending.decision)].lock();
             match decisions.map.get(&pending.decision) {
                 Some(r) => r.sinks.clone(),
@@ -449,8 +453,8 @@ impl MemoryLedger {
         );
     }
 
-    fn lock_shards(&self, ids: impl Iterator<Item = u128>) -> Vec<(usize, MutexGuard<'_, Shard>)> {
-        let mut idx: Vec<usize> = ids.map(shard_of).collect();
+    fn lock_shards(&self, ids: impl Iterator<Item = u128>) -> Guards<'_> {
+        let mut idx: SmallVec<[usize; 8]> = ids.map(shard_of).collect();
         idx.sort_unstable();
         idx.dedup();
         idx.into_iter()
@@ -458,6 +462,8 @@ impl MemoryLedger {
             .collect()
     }
 }
+
+type Guards<'a> = SmallVec<[(usize, MutexGuard<'a, Shard>); 8]>;
 
 fn guard<'g, 'a>(guards: &'g mut [(usize, MutexGuard<'a, Shard>)], id: u128) -> &'g mut Shard {
     let i = shard_of(id);
@@ -742,7 +748,7 @@ impl Ledger for MemoryLedger {
         let mut guards = self.lock_shards(plan.ops.iter().map(|o| o.key.id));
 
         let mut results = Vec::with_capacity(plan.ops.len());
-        let mut effects = Vec::with_capacity(plan.ops.len());
+        let mut effects: SmallVec<[Effect; 8]> = SmallVec::new();
         let mut seeded: Vec<(u128, Vec<u128>)> = Vec::new();
         for op in &plan.ops {
             let shard = guard(&mut guards, op.key.id);
@@ -785,7 +791,7 @@ impl Ledger for MemoryLedger {
             return Ok(results);
         }
 
-        let mut sinks = Vec::new();
+        let mut sinks = Sinks::new();
         let mut lease_keys = Vec::new();
         for ((op, result), effect) in plan.ops.iter().zip(&results).zip(effects) {
             let shard = guard(&mut guards, op.key.id);
