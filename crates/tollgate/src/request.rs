@@ -202,18 +202,22 @@ impl Request {
     pub fn from_json(text: &str) -> Result<Request, RequestError> {
         serde_json::from_str(text).map_err(|e| {
             let msg = e.to_string();
-            // serde's message for an unknown field is "unknown field `x`, expected …".
-            let field = msg
-                .split("unknown field `")
-                .nth(1)
-                .and_then(|rest| rest.split('`').next())
-                .map(str::to_string);
+            let field = unknown_field(&msg).map(str::to_string);
             RequestError {
                 field,
                 message: format!("invalid request: {msg}"),
             }
         })
     }
+}
+
+/// The field a serde error message names as unknown
+/// (serde says "unknown field `x`, expected …").
+pub fn unknown_field(message: &str) -> Option<&str> {
+    message
+        .split("unknown field `")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next())
 }
 
 #[cfg(test)]

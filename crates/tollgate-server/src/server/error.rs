@@ -84,11 +84,7 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
     }
     serde_json::from_slice(body).map_err(|e| {
         let msg = e.to_string();
-        let field = msg
-            .split("unknown field `")
-            .nth(1)
-            .and_then(|rest| rest.split('`').next())
-            .map(str::to_string);
+        let field = tollgate::request::unknown_field(&msg).map(str::to_string);
         let err = ApiError::bad_request(format!("invalid request body: {msg}"));
         match field {
             Some(f) => {
