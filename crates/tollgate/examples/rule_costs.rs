@@ -53,7 +53,10 @@ fn main() {
             .clock(clock)
             .build_from_text(&format!("policies: [{{name: p, rules: {r}}}]"))
             .unwrap();
-        let n = 300_000;
+        let n: usize = std::env::var("ITER")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300_000);
         let t = Instant::now();
         for i in 0..n {
             std::hint::black_box(e.check(&reqs[i % reqs.len()]));

@@ -129,16 +129,18 @@ pub(crate) fn decide(
 ) -> Decision {
     let explain = options.explain;
     let mut trace: Vec<TraceEntry> = Vec::new();
-    let mut note = |policy: Option<&str>, rule: Option<&str>, outcome: &str, detail: String| {
-        if explain {
-            trace.push(TraceEntry {
-                policy: policy.map(str::to_string),
-                rule: rule.map(str::to_string),
-                outcome: outcome.to_string(),
-                detail,
-            });
-        }
-    };
+    // The detail is only formatted when the decision is explained.
+    let mut note =
+        |policy: Option<&str>, rule: Option<&str>, outcome: &str, detail: &dyn Fn() -> String| {
+            if explain {
+                trace.push(TraceEntry {
+                    policy: policy.map(str::to_string),
+                    rule: rule.map(str::to_string),
+                    outcome: outcome.to_string(),
+                    detail: detail(),
+                });
+            }
+        };
 
     let matched = set.matcher.matched(request);
     if explain {
@@ -148,10 +150,12 @@ pub(crate) fn decide(
                 Some(&p.name),
                 None,
                 if hit { "matched" } else { "not_matched" },
-                if hit {
-                    "its match holds".into()
-                } else {
-                    set.matcher.explain(i as u32, request)
+                &|| {
+                    if hit {
+                        "its match holds".into()
+                    } else {
+                        set.matcher.explain(i as u32, request)
+                    }
                 },
             );
         }
@@ -197,7 +201,7 @@ pub(crate) fn decide(
                     };
                     entries.push(Entry {
                         rule,
-                        verdict: Some(Verdict::Skip(why)),
+                        verdict: Some(Verdict::Skip(why.into())),
                         op: None,
                     });
                     continue;
@@ -245,7 +249,7 @@ pub(crate) fn decide(
     }
     let final_walk_model = ctx.model.map(str::to_string);
     for n in ctx.notes.drain(..) {
-        note(None, None, "note", n);
+        note(None, None, "note", &|| n.clone());
     }
 
     let plan = Plan {
@@ -358,16 +362,13 @@ pub(crate) fn decide(
             .expect("every entry has a verdict by now");
         let (policy, id) = (Some(rule.policy.as_str()), Some(rule.id.as_str()));
         match (verdict, rule.mode) {
-            (Verdict::Pass(detail), _) => note(
-                policy,
-                id,
-                "pass",
-                format!("{}: {detail}", rule.type_name()),
-            ),
-            (Verdict::Skip(detail), _) => note(policy, id, "skip", detail.clone()),
-            (Verdict::Error(detail), _) => note(policy, id, "error", detail.clone()),
+            (Verdict::Pass(detail), _) => note(policy, id, "pass", &|| {
+                format!("{}: {detail}", rule.type_name())
+            }),
+            (Verdict::Skip(detail), _) => note(policy, id, "skip", &|| detail.to_string()),
+            (Verdict::Error(detail), _) => note(policy, id, "error", &|| detail.clone()),
             (Verdict::Deny { code, reason }, Mode::Enforce) => {
-                note(policy, id, "deny", reason.clone());
+                note(policy, id, "deny", &|| reason.clone());
                 if decision.allowed {
                     decision.allowed = false;
                     decision.code = *code;
@@ -377,21 +378,21 @@ pub(crate) fn decide(
                 }
             }
             (Verdict::Deny { reason, .. } | Verdict::Alert { reason }, Mode::Alert) => {
-                note(policy, id, "alert", reason.clone());
+                note(policy, id, "alert", &|| reason.clone());
                 decision.alerts.push(alert(rule, reason));
             }
             (Verdict::Alert { reason }, Mode::Enforce) => {
-                note(policy, id, "alert", reason.clone());
+                note(policy, id, "alert", &|| reason.clone());
                 decision.alerts.push(alert(rule, reason));
             }
             (Verdict::Deny { reason, .. }, Mode::Shadow) => {
-                note(policy, id, "shadow_deny", reason.clone())
+                note(policy, id, "shadow_deny", &|| reason.clone())
             }
             (Verdict::Alert { reason }, Mode::Shadow) => {
-                note(policy, id, "shadow_alert", reason.clone())
+                note(policy, id, "shadow_alert", &|| reason.clone())
             }
             (Verdict::Downgrade { to, reason }, Mode::Enforce) => {
-                note(policy, id, "downgrade", reason.clone());
+                note(policy, id, "downgrade", &|| reason.clone());
                 if entry.op.is_some() {
                     // A budget's downgrade also reports the exceeded budget.
                     decision.alerts.push(alert(rule, reason));
@@ -401,11 +402,11 @@ pub(crate) fn decide(
                 }
             }
             (Verdict::Downgrade { reason, .. }, Mode::Alert) => {
-                note(policy, id, "alert", reason.clone());
+                note(policy, id, "alert", &|| reason.clone());
                 decision.alerts.push(alert(rule, reason));
             }
             (Verdict::Downgrade { reason, .. }, Mode::Shadow) => {
-                note(policy, id, "shadow_downgrade", reason.clone())
+                note(policy, id, "shadow_downgrade", &|| reason.clone())
             }
         }
     }

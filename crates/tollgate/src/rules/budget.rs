@@ -232,7 +232,7 @@ impl Budget {
     pub(crate) fn plan<'r>(&'r self, enforce: bool, ctx: &mut EvalCtx<'r>) -> Step<'r> {
         let key = match ctx.key(&self.by) {
             Ok(k) => k,
-            Err(skip) => return Step::Verdict(Verdict::Skip(skip)),
+            Err(skip) => return Step::Verdict(Verdict::Skip(skip.into())),
         };
         let limit = self.limit_for(&key.values);
         let amount = ctx.estimate();

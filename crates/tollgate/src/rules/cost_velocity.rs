@@ -38,7 +38,7 @@ impl CostVelocity {
     pub(crate) fn plan<'r>(&'r self, ctx: &mut EvalCtx<'r>) -> Step<'r> {
         let key = match ctx.key(&self.by) {
             Ok(k) => k,
-            Err(skip) => return Step::Verdict(Verdict::Skip(skip)),
+            Err(skip) => return Step::Verdict(Verdict::Skip(skip.into())),
         };
         Step::Op(Op {
             key,

@@ -46,7 +46,7 @@ impl Forecast {
                 },
                 enforcing: true,
             }),
-            Err(skip) => Step::Verdict(Verdict::Skip(skip)),
+            Err(skip) => Step::Verdict(Verdict::Skip(skip.into())),
         }
     }
 

@@ -69,7 +69,7 @@ pub(crate) enum Verdict<'r> {
     /// Nothing to object to.
     Pass(String),
     /// The rule does not apply (missing dimension, wrong resource, …).
-    Skip(String),
+    Skip(std::borrow::Cow<'static, str>),
     /// Would deny.
     Deny { code: Code, reason: String },
     /// Swap the model.

@@ -38,10 +38,9 @@ impl Quota {
             return Step::Verdict(Verdict::Skip("not an acquire".into()));
         }
         if ctx.request.resource.as_deref() != Some(self.resource.as_str()) {
-            return Step::Verdict(Verdict::Skip(format!(
-                "the request is not for resource `{}`",
-                self.resource
-            )));
+            return Step::Verdict(Verdict::Skip(
+                format!("the request is not for resource `{}`", self.resource).into(),
+            ));
         }
         match ctx.key(&self.by) {
             Ok(key) => Step::Op(Op {
@@ -52,7 +51,7 @@ impl Quota {
                 },
                 enforcing: true,
             }),
-            Err(skip) => Step::Verdict(Verdict::Skip(skip)),
+            Err(skip) => Step::Verdict(Verdict::Skip(skip.into())),
         }
     }
 

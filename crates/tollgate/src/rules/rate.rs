@@ -76,7 +76,7 @@ impl Rate {
                 },
                 enforcing: true,
             }),
-            Err(skip) => Step::Verdict(Verdict::Skip(skip)),
+            Err(skip) => Step::Verdict(Verdict::Skip(skip.into())),
         }
     }
 
