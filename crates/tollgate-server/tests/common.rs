@@ -30,9 +30,21 @@ impl Server {
 
     /// Starts a server on an existing data directory (a restart).
     pub fn start_in(dir: &Path, config: Option<&Path>, env: &[(&str, &str)]) -> Server {
+        Server::start_with(dir, config, env, &[])
+    }
+
+    /// Starts a server with extra `serve` arguments (e.g. `--database`).
+    pub fn start_with(
+        dir: &Path,
+        config: Option<&Path>,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Server {
+        std::fs::create_dir_all(dir).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.join("data"));
+            .arg(dir.join("data"))
+            .args(args);
         if let Some(c) = config {
             cmd.arg("--config").arg(c);
         }
@@ -84,7 +96,7 @@ impl Drop for Server {
     }
 }
 
-fn unique() -> u64 {
+pub fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed)

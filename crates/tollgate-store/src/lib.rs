@@ -2,23 +2,24 @@
 //!
 //! The durable side of a tollgate server: policy versions, the audit log, settings
 //! overrides, runs, live leases and the spend ledger. The embedded default is one SQLite
-//! file in WAL mode with `synchronous = FULL`; spend records go through a group-commit
-//! writer, so a `record` is acknowledged only once it is on disk, and many concurrent
-//! records share one fsync.
+//! file in WAL mode with `synchronous = FULL`; PostgreSQL (`postgres://…`) serves many
+//! instances, which learn of each other's changes through `LISTEN`/`NOTIFY`. Spend
+//! records go through a group-commit writer, so a `record` is acknowledged only once it
+//! is committed, and many concurrent records share one commit.
+//!
+//! Both backends go through one `sqlx` `Any` pool; the SQL is written once with `?`
+//! placeholders (rewritten to `$n` for PostgreSQL); only the migrations differ.
 //!
 //! Hot counters (rate buckets, reservations) stay in the in-memory ledger; at start-up
 //! [`Store::restore`] replays the durable state into a fresh engine and ledger.
 #![warn(missing_docs)]
 
 use std::path::Path;
-use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sqlx::Row;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, AssertSqlSafe, Executor, Row, SqlSafeStr, SqlStr};
 use tokio::sync::{mpsc, oneshot};
 
 use tollgate::ledger::{MemoryLedger, SpendSink};
@@ -112,8 +113,33 @@ type WriteReply = oneshot::Sender<Result<(), String>>;
 /// The durable store.
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: AnyPool,
+    postgres: bool,
+    url: String,
     writer: mpsc::Sender<(SpendWrite, WriteReply)>,
+}
+
+/// The channel on which PostgreSQL instances announce policy and settings changes.
+pub const CHANGES_CHANNEL: &str = "tollgate_changes";
+
+/// `?` placeholders as PostgreSQL's `$1, $2, …`. Only the static SQL of this file goes
+/// through here (no `?` appears in it but as a placeholder), so the result is safe.
+fn dialect(postgres: bool, sql: &'static str) -> SqlStr {
+    if !postgres {
+        return sql.into_sql_str();
+    }
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut n = 0;
+    for c in sql.chars() {
+        if c == '?' {
+            n += 1;
+            out.push('$');
+            out.push_str(&n.to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    AssertSqlSafe(out).into_sql_str()
 }
 
 impl std::fmt::Debug for Store {
@@ -130,32 +156,64 @@ impl Store {
     pub async fn open_dir(dir: &Path) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::DataDir(dir.display().to_string(), e))?;
-        let url = format!("sqlite://{}", dir.join("tollgate.db").display());
+        let url = format!("sqlite://{}?mode=rwc", dir.join("tollgate.db").display());
         Store::open(&url).await
     }
 
-    /// Opens a SQLite database by URL (`sqlite://path` or `sqlite::memory:`).
+    /// Opens a database by URL (`sqlite://PATH`, `postgres://…`) and applies the migrations.
     pub async fn open(url: &str) -> Result<Store, StoreError> {
-        let options = SqliteConnectOptions::from_str(url)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            // An acknowledged write survives a crash of the process and of the machine.
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
+        sqlx::any::install_default_drivers();
+        let postgres = url.starts_with("postgres:") || url.starts_with("postgresql:");
+        let pool = AnyPoolOptions::new()
+            .max_connections(if postgres { 8 } else { 4 })
+            .acquire_timeout(Duration::from_secs(5))
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    if conn.backend_name().eq_ignore_ascii_case("sqlite") {
+                        // WAL with FULL sync: an acknowledged write survives a crash of the
+                        // process and of the machine.
+                        conn.execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;")
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(url)
             .await?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
+        if postgres {
+            sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        } else {
+            sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        }
         let (tx, rx) = mpsc::channel(4096);
-        tokio::spawn(group_commit(pool.clone(), rx));
-        Ok(Store { pool, writer: tx })
+        tokio::spawn(group_commit(pool.clone(), postgres, rx));
+        Ok(Store {
+            pool,
+            postgres,
+            url: url.to_string(),
+            writer: tx,
+        })
+    }
+
+    /// Whether this store is PostgreSQL (shared by many instances).
+    pub fn is_postgres(&self) -> bool {
+        self.postgres
+    }
+
+    /// The database URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn sql(&self, sql: &'static str) -> SqlStr {
+        dialect(self.postgres, sql)
     }
 
     /// Whether the database answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::query(self.sql("SELECT 1"))
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -168,7 +226,7 @@ impl Store {
 
     /// The newest version.
     pub async fn latest_policy(&self) -> Result<Option<PolicyVersion>, StoreError> {
-        let row = sqlx::query("SELECT version, source, created_at, actor, reason FROM policy_versions ORDER BY version DESC LIMIT 1")
+        let row = sqlx::query(self.sql("SELECT version, source, created_at, actor, reason FROM policy_versions ORDER BY version DESC LIMIT 1"))
             .fetch_optional(&self.pool)
             .await?;
         Ok(row.map(|r| policy_row(&r)))
@@ -176,7 +234,7 @@ impl Store {
 
     /// One version.
     pub async fn policy_version(&self, version: u64) -> Result<Option<PolicyVersion>, StoreError> {
-        let row = sqlx::query("SELECT version, source, created_at, actor, reason FROM policy_versions WHERE version = ?")
+        let row = sqlx::query(self.sql("SELECT version, source, created_at, actor, reason FROM policy_versions WHERE version = ?"))
             .bind(version as i64)
             .fetch_optional(&self.pool)
             .await?;
@@ -185,7 +243,7 @@ impl Store {
 
     /// Every version, newest first, without their documents.
     pub async fn policy_versions(&self) -> Result<Vec<PolicyVersion>, StoreError> {
-        let rows = sqlx::query("SELECT version, '' AS source, created_at, actor, reason FROM policy_versions ORDER BY version DESC")
+        let rows = sqlx::query(self.sql("SELECT version, '' AS source, created_at, actor, reason FROM policy_versions ORDER BY version DESC"))
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.iter().map(policy_row).collect())
@@ -199,7 +257,7 @@ impl Store {
         change: Change<'_>,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("INSERT INTO policy_versions (version, source, created_at, actor, reason) VALUES (?, ?, ?, ?, ?)")
+        sqlx::query(self.sql("INSERT INTO policy_versions (version, source, created_at, actor, reason) VALUES (?, ?, ?, ?, ?)"))
             .bind(version.version as i64)
             .bind(&version.source)
             .bind(version.created_at)
@@ -207,14 +265,31 @@ impl Store {
             .bind(&version.reason)
             .execute(&mut *tx)
             .await?;
-        insert_audit(&mut tx, version.created_at, &change).await?;
+        insert_audit(&mut tx, self.postgres, version.created_at, &change).await?;
+        self.announce(&mut tx, "policy").await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    /// Tells the other instances (PostgreSQL) that something changed; delivered at commit.
+    async fn announce(
+        &self,
+        tx: &mut sqlx::AnyConnection,
+        what: &'static str,
+    ) -> Result<(), StoreError> {
+        if self.postgres {
+            sqlx::query(self.sql("SELECT pg_notify(?, ?)"))
+                .bind(CHANGES_CHANNEL)
+                .bind(what)
+                .execute(&mut *tx)
+                .await?;
+        }
         Ok(())
     }
 
     /// A small stored fact.
     pub async fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
-        let row = sqlx::query("SELECT value FROM meta WHERE key = ?")
+        let row = sqlx::query(self.sql("SELECT value FROM meta WHERE key = ?"))
             .bind(key)
             .fetch_optional(&self.pool)
             .await?;
@@ -223,7 +298,7 @@ impl Store {
 
     /// Sets a small stored fact.
     pub async fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+        sqlx::query(self.sql("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value"))
             .bind(key)
             .bind(value)
             .execute(&self.pool)
@@ -236,14 +311,14 @@ impl Store {
     /// Writes an audit entry on its own.
     pub async fn audit(&self, at: i64, change: Change<'_>) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        insert_audit(&mut tx, at, &change).await?;
+        insert_audit(&mut tx, self.postgres, at, &change).await?;
         tx.commit().await?;
         Ok(())
     }
 
     /// The newest `limit` entries, newest first.
     pub async fn audit_entries(&self, limit: u32) -> Result<Vec<AuditEntry>, StoreError> {
-        let rows = sqlx::query("SELECT id, at, actor, action, target, from_value, to_value, reason FROM audit ORDER BY id DESC LIMIT ?")
+        let rows = sqlx::query(self.sql("SELECT id, at, actor, action, target, from_value, to_value, reason FROM audit ORDER BY id DESC LIMIT ?"))
             .bind(i64::from(limit))
             .fetch_all(&self.pool)
             .await?;
@@ -276,7 +351,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         match value {
             Some(v) => {
-                sqlx::query("INSERT INTO settings_overrides (scope, key, value) VALUES (?, ?, ?) ON CONFLICT (scope, key) DO UPDATE SET value = excluded.value")
+                sqlx::query(self.sql("INSERT INTO settings_overrides (scope, key, value) VALUES (?, ?, ?) ON CONFLICT (scope, key) DO UPDATE SET value = excluded.value"))
                     .bind(scope)
                     .bind(key)
                     .bind(v.to_string())
@@ -284,21 +359,22 @@ impl Store {
                     .await?;
             }
             None => {
-                sqlx::query("DELETE FROM settings_overrides WHERE scope = ? AND key = ?")
+                sqlx::query(self.sql("DELETE FROM settings_overrides WHERE scope = ? AND key = ?"))
                     .bind(scope)
                     .bind(key)
                     .execute(&mut *tx)
                     .await?;
             }
         }
-        insert_audit(&mut tx, at, &change).await?;
+        insert_audit(&mut tx, self.postgres, at, &change).await?;
+        self.announce(&mut tx, "settings").await?;
         tx.commit().await?;
         Ok(())
     }
 
     /// Every override, as (scope, key, value).
     pub async fn overrides(&self) -> Result<Vec<(String, String, serde_json::Value)>, StoreError> {
-        let rows = sqlx::query("SELECT scope, key, value FROM settings_overrides")
+        let rows = sqlx::query(self.sql("SELECT scope, key, value FROM settings_overrides"))
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
@@ -320,7 +396,7 @@ impl Store {
         info: &RunInfo,
         at: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO runs (id, spec, info, created_at) VALUES (?, ?, ?, ?)")
+        sqlx::query(self.sql("INSERT INTO runs (id, spec, info, created_at) VALUES (?, ?, ?, ?)"))
             .bind(&info.id)
             .bind(json(spec)?)
             .bind(json(info)?)
@@ -332,9 +408,13 @@ impl Store {
 
     /// Every run, in creation order (parents before children).
     pub async fn runs(&self) -> Result<Vec<(RunSpec, RunInfo)>, StoreError> {
-        let rows = sqlx::query("SELECT spec, info FROM runs ORDER BY rowid")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(self.sql(if self.postgres {
+            "SELECT spec, info FROM runs ORDER BY seq"
+        } else {
+            "SELECT spec, info FROM runs ORDER BY rowid"
+        }))
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|r| {
                 Ok((
@@ -343,6 +423,119 @@ impl Store {
                 ))
             })
             .collect()
+    }
+
+    /// One run (an instance that does not know it yet restores it from here).
+    pub async fn run(&self, id: &str) -> Result<Option<(RunSpec, RunInfo)>, StoreError> {
+        let row = sqlx::query(self.sql("SELECT spec, info FROM runs WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok((
+                parse(&r.get::<String, _>(0))?,
+                parse(&r.get::<String, _>(1))?,
+            ))
+        })
+        .transpose()
+    }
+
+    /// Restores a run (and, first, its missing ancestors) from the store into the engine.
+    pub async fn restore_run(&self, engine: &Engine, id: &str) -> Result<bool, StoreError> {
+        let mut chain = Vec::new();
+        let mut next = Some(id.to_string());
+        while let Some(id) = next.take() {
+            if engine.run(&id).is_some() {
+                break;
+            }
+            let Some((spec, info)) = self.run(&id).await? else {
+                return Ok(false);
+            };
+            next = info.parent.clone();
+            chain.push((spec, info));
+        }
+        for (spec, info) in chain.into_iter().rev() {
+            let source = self
+                .policy_version(info.policy_version)
+                .await?
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "run `{}` names missing policy version {}",
+                        info.id, info.policy_version
+                    ))
+                })?;
+            let set = engine
+                .compile(&source.source)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            // Another request may have restored it meanwhile: that is fine.
+            let _ = engine.restore_run(&spec, info, set);
+        }
+        Ok(true)
+    }
+
+    /// Catches up with changes made by other instances: a newer policy version, and the
+    /// overrides as stored. Returns whether the policy version changed.
+    pub async fn sync(&self, engine: &Engine) -> Result<bool, StoreError> {
+        let mut changed = false;
+        if let Some(latest) = self.latest_policy().await?
+            && latest.version > engine.policy().version()
+        {
+            let set = engine.compile(&latest.source).map_err(|e| {
+                StoreError::Corrupt(format!(
+                    "policy version {} does not compile here: {e}",
+                    latest.version
+                ))
+            })?;
+            engine.install_version(set, latest.version);
+            changed = true;
+        }
+        engine.replace_overrides(self.overrides().await?);
+        Ok(changed)
+    }
+
+    /// Follows the other instances (PostgreSQL): `LISTEN`s for changes and, as a
+    /// fallback, checks every second; runs until the process stops. Returns at once on
+    /// SQLite (one instance).
+    pub async fn follow(&self, engine: &Engine) {
+        if !self.postgres {
+            return;
+        }
+        loop {
+            let mut listener = match sqlx::postgres::PgListener::connect(&self.url).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for changes; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if let Err(e) = listener.listen(CHANGES_CHANNEL).await {
+                tracing::warn!(error = %e, "LISTEN failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            loop {
+                let woke = tokio::select! {
+                    n = listener.recv() => match n {
+                        Ok(_) => true,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the change listener lost its connection; reconnecting");
+                            break;
+                        }
+                    },
+                    () = tokio::time::sleep(Duration::from_secs(1)) => false,
+                };
+                match self.sync(engine).await {
+                    Ok(true) => tracing::info!(
+                        version = engine.policy().version(),
+                        notified = woke,
+                        "picked up a new policy version"
+                    ),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot catch up with the store"),
+                }
+            }
+        }
     }
 
     // ---- leases ------------------------------------------------------------------------
@@ -356,7 +549,7 @@ impl Store {
         expires_at: Option<i64>,
         at: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO leases (id, resource, subject, expires_at, created_at) VALUES (?, ?, ?, ?, ?)")
+        sqlx::query(self.sql("INSERT INTO leases (id, resource, subject, expires_at, created_at) VALUES (?, ?, ?, ?, ?)"))
             .bind(id)
             .bind(resource)
             .bind(json(subject)?)
@@ -369,7 +562,7 @@ impl Store {
 
     /// Deletes a lease; `false` when there was none.
     pub async fn delete_lease(&self, id: &str) -> Result<bool, StoreError> {
-        let r = sqlx::query("DELETE FROM leases WHERE id = ?")
+        let r = sqlx::query(self.sql("DELETE FROM leases WHERE id = ?"))
             .bind(id)
             .execute(&self.pool)
             .await?;
@@ -408,7 +601,7 @@ impl Store {
 
     /// Whether a decision's cost was recorded (idempotency across restarts).
     pub async fn spend_recorded(&self, decision: &str) -> Result<bool, StoreError> {
-        let row = sqlx::query("SELECT 1 FROM spend WHERE decision_id = ?")
+        let row = sqlx::query(self.sql("SELECT 1 FROM spend WHERE decision_id = ?"))
             .bind(decision)
             .fetch_optional(&self.pool)
             .await?;
@@ -458,7 +651,7 @@ impl Store {
                 .restore_run(&spec, info, set)
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         }
-        let leases = sqlx::query("SELECT id, resource, subject, expires_at FROM leases WHERE expires_at IS NULL OR expires_at > ?")
+        let leases = sqlx::query(self.sql("SELECT id, resource, subject, expires_at FROM leases WHERE expires_at IS NULL OR expires_at > ?"))
             .bind(now)
             .fetch_all(&self.pool)
             .await?;
@@ -522,7 +715,7 @@ fn parse<T: for<'de> Deserialize<'de>>(text: &str) -> Result<T, StoreError> {
     serde_json::from_str(text).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-fn policy_row(r: &sqlx::sqlite::SqliteRow) -> PolicyVersion {
+fn policy_row(r: &AnyRow) -> PolicyVersion {
     PolicyVersion {
         version: r.get::<i64, _>(0) as u64,
         source: r.get(1),
@@ -533,11 +726,12 @@ fn policy_row(r: &sqlx::sqlite::SqliteRow) -> PolicyVersion {
 }
 
 async fn insert_audit(
-    tx: &mut sqlx::SqliteConnection,
+    tx: &mut sqlx::AnyConnection,
+    postgres: bool,
     at: i64,
     c: &Change<'_>,
 ) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO audit (at, actor, action, target, from_value, to_value, reason) VALUES (?, ?, ?, ?, ?, ?, ?)")
+    sqlx::query(dialect(postgres, "INSERT INTO audit (at, actor, action, target, from_value, to_value, reason) VALUES (?, ?, ?, ?, ?, ?, ?)"))
         .bind(at)
         .bind(c.actor)
         .bind(c.action)
@@ -551,7 +745,11 @@ async fn insert_audit(
 }
 
 /// The group-commit writer: every waiting spend record goes into one transaction.
-async fn group_commit(pool: SqlitePool, mut rx: mpsc::Receiver<(SpendWrite, WriteReply)>) {
+async fn group_commit(
+    pool: AnyPool,
+    postgres: bool,
+    mut rx: mpsc::Receiver<(SpendWrite, WriteReply)>,
+) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < GROUP {
@@ -560,7 +758,9 @@ async fn group_commit(pool: SqlitePool, mut rx: mpsc::Receiver<(SpendWrite, Writ
                 Err(_) => break,
             }
         }
-        let result = write_batch(&pool, &batch).await.map_err(|e| e.to_string());
+        let result = write_batch(&pool, postgres, &batch)
+            .await
+            .map_err(|e| e.to_string());
         if let Err(e) = &result {
             tracing::error!(error = %e, records = batch.len(), "spend write failed; the records are not acknowledged");
         }
@@ -571,14 +771,16 @@ async fn group_commit(pool: SqlitePool, mut rx: mpsc::Receiver<(SpendWrite, Writ
 }
 
 async fn write_batch(
-    pool: &SqlitePool,
+    pool: &AnyPool,
+    postgres: bool,
     batch: &[(SpendWrite, WriteReply)],
 ) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
     for (w, _) in batch {
-        let inserted = sqlx::query(
-            "INSERT OR IGNORE INTO spend (decision_id, at, cost, recorded_at) VALUES (?, ?, ?, ?)",
-        )
+        let inserted = sqlx::query(dialect(
+            postgres,
+            "INSERT INTO spend (decision_id, at, cost, recorded_at) VALUES (?, ?, ?, ?) ON CONFLICT (decision_id) DO NOTHING",
+        ))
         .bind(&w.decision)
         .bind(w.at)
         .bind(w.cost)
@@ -590,7 +792,7 @@ async fn write_batch(
         }
         for s in &w.sinks {
             let dims: Vec<String> = s.by.iter().map(ToString::to_string).collect();
-            sqlx::query("INSERT INTO spend_sinks (decision_id, policy, rule, dims, vals) VALUES (?, ?, ?, ?, ?)")
+            sqlx::query(dialect(postgres, "INSERT INTO spend_sinks (decision_id, policy, rule, dims, vals) VALUES (?, ?, ?, ?, ?)"))
                 .bind(&w.decision)
                 .bind(&s.policy)
                 .bind(&s.rule)

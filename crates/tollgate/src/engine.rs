@@ -426,6 +426,21 @@ impl Engine {
         Ok(self.overrides.write().set(scope, key.to_string(), value))
     }
 
+    /// Replaces every override at once (an instance catching up with a shared store);
+    /// entries that no longer validate are skipped.
+    pub fn replace_overrides(&self, overrides: Vec<(String, String, Json)>) {
+        let mut fresh = Overrides::default();
+        for (scope, key, value) in overrides {
+            if let (Ok(s), Ok(v)) = (
+                Scope::parse(&scope),
+                self.check_setting(&scope, &key, &value),
+            ) {
+                fresh.set(s, key, v);
+            }
+        }
+        *self.overrides.write() = fresh;
+    }
+
     /// The override at exactly `scope`, if any.
     pub fn setting_override(&self, scope: &str, key: &str) -> Option<Json> {
         let scope = Scope::parse(scope).ok()?;

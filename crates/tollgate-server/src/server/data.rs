@@ -41,6 +41,17 @@ fn flag(q: &HashMap<String, String>, name: &str) -> Result<bool, ApiError> {
     }
 }
 
+/// A run created by another instance (shared store) is loaded before it is used.
+pub async fn ensure_run(s: &super::AppState, run: Option<&str>) -> Result<(), ApiError> {
+    if let Some(id) = run
+        && s.store.is_postgres()
+        && s.engine.run(id).is_none()
+    {
+        s.store.restore_run(&s.engine, id).await?;
+    }
+    Ok(())
+}
+
 /// Counts, times and logs a decision.
 pub fn observe(decision: &Decision, started: Instant, endpoint: &'static str) {
     let rule = decision.rule.clone().unwrap_or_default();
@@ -97,6 +108,7 @@ pub async fn check(
     query(&q, &["explain"])?;
     let explain = flag(&q, "explain")?;
     let request: Request = parse_json(&body.map_err(body_rejection)?)?;
+    ensure_run(&s, request.subject.run.as_deref()).await?;
     let started = Instant::now();
     let decision = if explain {
         s.engine.check_explained(&request)
@@ -205,6 +217,7 @@ pub async fn acquire_lease(
         return Err(ApiError::bad_request("a lease needs `resource`")
             .with_details(json!([{"field": "resource", "message": "required"}])));
     };
+    ensure_run(s, request.subject.run.as_deref()).await?;
     let started = Instant::now();
     let decision = s.engine.acquire(request, ttl, explain);
     observe(&decision, started, endpoint);
@@ -286,6 +299,7 @@ pub async fn get_run(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     auth::data(&s.api_keys, &headers)?;
+    ensure_run(&s, Some(&id)).await?;
     let info = s
         .engine
         .run(&id)
@@ -311,6 +325,7 @@ pub async fn effective_settings(
         agent: get("agent"),
         run: get("run"),
     };
+    ensure_run(&s, subject.run.as_deref()).await?;
     let settings = s
         .engine
         .settings(&subject)

@@ -44,7 +44,8 @@ pub struct ServeOptions {
     /// Where the embedded SQLite database lives.
     #[arg(long, default_value = "./tollgate-data")]
     pub data_dir: PathBuf,
-    /// The store: `sqlite://PATH` (default: `DATA_DIR/tollgate.db`).
+    /// The store: `sqlite://PATH` (default: `DATA_DIR/tollgate.db`) or `postgres://…`
+    /// (shared by many instances; each picks up the others' changes within a second).
     #[arg(long)]
     pub database: Option<String>,
     /// A Redis ledger for many instances (not available yet).
@@ -128,10 +129,16 @@ async fn serve(options: ServeOptions) -> Result<(), String> {
     }
     let store = match &options.database {
         None => Store::open_dir(&options.data_dir).await,
-        Some(url) if url.starts_with("sqlite:") => Store::open(url).await,
+        Some(url)
+            if ["sqlite:", "postgres:", "postgresql:"]
+                .iter()
+                .any(|p| url.starts_with(p)) =>
+        {
+            Store::open(url).await
+        }
         Some(url) => {
             return Err(format!(
-                "--database `{url}`: only sqlite:// URLs are supported in this version"
+                "--database `{url}`: expected a sqlite:// or postgres:// URL"
             ));
         }
     }
@@ -176,6 +183,10 @@ async fn serve(options: ServeOptions) -> Result<(), String> {
         metrics: metrics_recorder()?,
         admin_lock: Mutex::new(()),
     });
+    let follower = {
+        let state = Arc::clone(&state);
+        tokio::spawn(async move { state.store.follow(&state.engine).await })
+    };
     let app = router(state, options.max_body_bytes);
     let listener = tokio::net::TcpListener::bind(options.listen)
         .await
@@ -189,6 +200,7 @@ async fn serve(options: ServeOptions) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     // In-flight requests have finished; every acknowledged write is committed already.
+    follower.abort();
     store.close().await;
     tracing::info!("stopped");
     Ok(())
