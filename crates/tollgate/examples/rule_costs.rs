@@ -1,7 +1,30 @@
 //! The cost of each rule type on its own: one-rule policies over 100,000 users.
 //! `cargo run --release -p tollgate --example rule_costs` (set ONLY=<text> to pick rules).
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Counts allocations, to report allocations per decision next to the time.
+struct Counting;
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
 use std::time::Instant;
 use tollgate::{Engine, ManualClock, Micros, Request};
 fn main() {
@@ -57,13 +80,16 @@ fn main() {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(300_000);
+        let allocations = ALLOCATIONS.load(Ordering::Relaxed);
         let t = Instant::now();
         for i in 0..n {
             std::hint::black_box(e.check(&reqs[i % reqs.len()]));
         }
+        let elapsed = t.elapsed();
+        let per = (ALLOCATIONS.load(Ordering::Relaxed) - allocations) as f64 / n.max(1) as f64;
         println!(
-            "{:>8.0} ns  {}",
-            t.elapsed().as_nanos() as f64 / n as f64,
+            "{:>8.0} ns {per:>6.1} allocs  {}",
+            elapsed.as_nanos() as f64 / n.max(1) as f64,
             &r[..r.len().min(60)]
         );
     }
