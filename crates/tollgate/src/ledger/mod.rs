@@ -14,6 +14,9 @@ use crate::request::{Dimension, Subject};
 
 mod memory;
 
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
+
 pub use memory::{MemoryLedger, PendingRecord, SpendSink};
 
 /// Identifies one counter: a policy, a rule id and the values of its `by` dimensions.

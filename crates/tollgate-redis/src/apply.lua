@@ -1,0 +1,217 @@
+-- Applies one decision's plan: answers every operation, then commits all of them or none.
+-- KEYS[1..n]: the counters of the n operations; KEYS[n+1]: the decision record;
+-- KEYS[n+2]: the lease record. ARGV[1]: the plan as JSON (see lib.rs).
+local plan = cjson.decode(ARGV[1])
+local now = plan.now
+local ops = plan.ops
+local n = #ops
+local DAY = 86400000
+
+local function num(x) if x == false or x == nil then return nil end return tonumber(x) end
+
+-- Recorded spend since ws (nil: all of it). Events before a finite window are folded
+-- into a running total (they still count for `total`).
+local function recorded(key, ws)
+  if ws ~= nil then
+    local old = redis.call('ZRANGEBYSCORE', key .. ':ev', '-inf', '(' .. ws)
+    if #old > 0 then
+      local folded = 0
+      for _, m in ipairs(old) do folded = folded + (num(redis.call('HGET', key .. ':am', m)) or 0) end
+      redis.call('HINCRBY', key .. ':m', 'folded', folded)
+      redis.call('ZREMRANGEBYSCORE', key .. ':ev', '-inf', '(' .. ws)
+      redis.call('HDEL', key .. ':am', unpack(old))
+    end
+  end
+  local total = 0
+  if ws == nil then total = num(redis.call('HGET', key .. ':m', 'folded')) or 0 end
+  local members = redis.call('ZRANGEBYSCORE', key .. ':ev', ws == nil and '-inf' or ws, '+inf')
+  for _, m in ipairs(members) do total = total + (num(redis.call('HGET', key .. ':am', m)) or 0) end
+  return total
+end
+
+-- Live reservations made since ws (nil: all).
+local function reserved(key, ws)
+  local expired = redis.call('ZRANGEBYSCORE', key .. ':rv', '-inf', now)
+  if #expired > 0 then
+    redis.call('ZREMRANGEBYSCORE', key .. ':rv', '-inf', now)
+    redis.call('HDEL', key .. ':ra', unpack(expired))
+  end
+  local all = redis.call('HGETALL', key .. ':ra')
+  local total = 0
+  for i = 1, #all, 2 do
+    local at, amount = string.match(all[i + 1], '^(-?%d+):(-?%d+)$')
+    if ws == nil or tonumber(at) >= ws then total = total + tonumber(amount) end
+  end
+  return total
+end
+
+-- When enough spend leaves a trailing window for `amount` to fit.
+local function retry_after(key, ws, wms, used, amount, limit)
+  local items = {}
+  local ev = redis.call('ZRANGEBYSCORE', key .. ':ev', ws, '+inf', 'WITHSCORES')
+  for i = 1, #ev, 2 do
+    table.insert(items, {tonumber(ev[i + 1]), num(redis.call('HGET', key .. ':am', ev[i])) or 0})
+  end
+  local all = redis.call('HGETALL', key .. ':ra')
+  for i = 1, #all, 2 do
+    local at, a = string.match(all[i + 1], '^(-?%d+):(-?%d+)$')
+    at = tonumber(at)
+    if at >= ws then table.insert(items, {at, tonumber(a)}) end
+  end
+  table.sort(items, function(x, y) return x[1] < y[1] end)
+  local left = used
+  for _, it in ipairs(items) do
+    left = left - it[2]
+    if left < limit and left + amount <= limit then return math.max(1, it[1] + wms + 1 - now) end
+  end
+  return -1
+end
+
+local results = {}
+local effects = {}
+local blocked = false
+for i, op in ipairs(ops) do
+  local key = KEYS[i]
+  local granted, used, remaining, retry, effect = false, 0, 0, -1, nil
+  if op.t == 'tb' then
+    local h = redis.call('HMGET', key, 'u', 'l')
+    local capacity = op.burst * op.per
+    local u, l = num(h[1]), num(h[2])
+    local cur = capacity
+    if u ~= nil then
+      local elapsed = math.max(0, now - l)
+      if elapsed * op.limit >= capacity - u then cur = capacity else cur = u + elapsed * op.limit end
+    end
+    used = math.floor((capacity - cur) / op.per)
+    if cur >= op.per then
+      granted = true
+      local after = cur - op.per
+      remaining = math.floor(after / op.per)
+      effect = {after, math.ceil((capacity - after) / op.limit) + 1000}
+    else
+      retry = math.max(1, math.ceil((op.per - cur) / op.limit))
+    end
+  elseif op.t == 'fw' then
+    local h = redis.call('HMGET', key, 'w', 'c')
+    local window = math.floor(now / op.per)
+    local taken = 0
+    if num(h[1]) == window then taken = num(h[2]) or 0 end
+    used = taken
+    local window_end = (window + 1) * op.per
+    if taken < op.limit then
+      granted = true
+      remaining = op.limit - taken - 1
+      effect = {window, taken + 1, window_end - now + 1000}
+    else
+      retry = math.max(1, window_end - now)
+    end
+  elseif op.t == 'sw' then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. (now - op.per))
+    local taken = redis.call('ZCARD', key)
+    used = taken
+    if taken < op.limit then
+      granted = true
+      remaining = op.limit - taken - 1
+      effect = true
+    else
+      local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+      retry = math.max(1, tonumber(oldest[2]) + op.per - now + 1)
+    end
+  elseif op.t == 'sp' then
+    local ws = op.ws
+    used = recorded(key, ws) + reserved(key, ws)
+    local refused = used >= op.limit or used + op.amount > op.limit
+    granted = not refused
+    local reserves = (not refused) or (not op.enforcing)
+    remaining = math.max(0, op.limit - used - (reserves and op.amount or 0))
+    if refused and ws ~= nil and op.wms ~= nil then
+      retry = retry_after(key, ws, op.wms, used, op.amount, op.limit)
+    end
+    effect = true
+  elseif op.t == 'fc' then
+    local spent = recorded(key, now - op.lookback)
+    granted = spent * 30 * DAY < op.budget * op.lookback
+    used = math.floor(spent * 30 * DAY / op.lookback)
+    remaining = math.max(0, op.budget - used)
+    effect = true
+  elseif op.t == 'ls' then
+    -- A counter seen for the first time starts from the live leases of its resource
+    -- and subject (a quota added after engines were provisioned counts them).
+    if redis.call('EXISTS', key .. ':s') == 0 then
+      local index = redis.call('HGETALL', plan.prefix .. ':lr:' .. op.resource)
+      for j = 1, #index, 2 do
+        local id, lease = index[j], cjson.decode(index[j + 1])
+        local exp = tonumber(lease.e)
+        local live = exp == -1 or exp > now
+        local matches = true
+        for k, dim in ipairs(op.by) do
+          local v = (dim == 'resource') and op.resource or lease.s[dim]
+          if v ~= op.values[k] then matches = false end
+        end
+        if live and matches then
+          redis.call('ZADD', key, exp == -1 and '+inf' or exp, id)
+          local record = plan.prefix .. ':l:' .. id
+          local keys = redis.call('HGET', record, 'keys')
+          if keys then
+            local list = cjson.decode(keys)
+            table.insert(list, key)
+            redis.call('HSET', record, 'keys', cjson.encode(list))
+          end
+        end
+      end
+      redis.call('SET', key .. ':s', 1)
+    end
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    local live = redis.call('ZCARD', key)
+    used = live
+    granted = live < op.max
+    remaining = math.max(0, op.max - live - (granted and 1 or 0))
+    effect = true
+  end
+  if op.enforcing and not granted then blocked = true end
+  results[i] = {granted and 1 or 0, used, remaining, retry}
+  effects[i] = effect
+end
+
+if plan.commit and not blocked then
+  local sinks = {}
+  local lease_keys = {}
+  for i, op in ipairs(ops) do
+    local key = KEYS[i]
+    local effect = effects[i]
+    if op.t == 'tb' and effect then
+      redis.call('HSET', key, 'u', effect[1], 'l', now)
+      redis.call('PEXPIRE', key, effect[2])
+    elseif op.t == 'fw' and effect then
+      redis.call('HSET', key, 'w', effect[1], 'c', effect[2])
+      redis.call('PEXPIRE', key, effect[3])
+    elseif op.t == 'sw' and effect then
+      redis.call('ZADD', key, now, now .. ':' .. plan.decision .. ':' .. i)
+      redis.call('PEXPIRE', key, op.per + 1000)
+    elseif op.t == 'sp' or op.t == 'fc' then
+      redis.call('HSET', key .. ':m', 'label', op.label)
+      if op.t == 'sp' and op.amount > 0 then
+        redis.call('ZADD', key .. ':rv', now + plan.ttl, plan.decision)
+        redis.call('HSET', key .. ':ra', plan.decision, now .. ':' .. op.amount)
+      end
+      table.insert(sinks, key)
+    elseif op.t == 'ls' and plan.lease then
+      if results[i][1] == 1 or not op.enforcing then
+        redis.call('ZADD', key, plan.lease.exp or '+inf', plan.lease.id)
+        table.insert(lease_keys, key)
+      end
+    end
+  end
+  if #sinks > 0 then
+    local record = KEYS[n + 1]
+    redis.call('HSET', record, 'at', now, 'sinks', cjson.encode(sinks), 'recorded', 0)
+    redis.call('PEXPIRE', record, 2 * math.max(plan.ttl, 60000))
+  end
+  if plan.lease then
+    local lease = KEYS[n + 2]
+    local exp = plan.lease.exp or -1
+    redis.call('HSET', lease, 'keys', cjson.encode(lease_keys), 'exp', exp, 'res', plan.lease.resource)
+    redis.call('HSET', plan.prefix .. ':lr:' .. plan.lease.resource, plan.lease.id, cjson.encode({s = plan.lease.subject, e = exp}))
+  end
+end
+return results

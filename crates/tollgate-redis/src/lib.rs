@@ -1,0 +1,368 @@
+//! # tollgate-redis
+//!
+//! A [`Ledger`] in Redis, shared by any number of tollgate instances. Each decision's
+//! plan is applied by **one Lua script call** (one round trip): the script answers every
+//! operation and commits all of them or none, so a limit holds exactly however many
+//! instances check against it. Scripts are loaded once and called by SHA (reloaded on
+//! `NOSCRIPT`). Time is the plan's `now` (the engine's clock), so a manual clock works.
+//!
+//! Counter keys are built from the policy, rule id and `by` values (not from the
+//! in-process hash), so every instance names a counter the same way. Recorded spend is
+//! also kept durably by the SQL store; Redis holds the hot counters.
+//!
+//! Not yet: rebuilding the counters from the SQL store after a Redis loss.
+#![warn(missing_docs)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use parking_lot::Mutex;
+use redis::{Client, Connection, Script};
+use serde_json::{Value, json};
+
+use tollgate::Micros;
+use tollgate::ledger::{
+    Algorithm, Apply, CounterKey, Ledger, LedgerError, OpKind, OpResult, Plan, RecordOutcome,
+    SpendUsage,
+};
+
+/// The Redis ledger.
+pub struct RedisLedger {
+    client: Client,
+    connections: Vec<Mutex<Option<Connection>>>,
+    next: AtomicUsize,
+    prefix: String,
+    apply: Script,
+    record: Script,
+    used: Script,
+    release: Script,
+}
+
+impl std::fmt::Debug for RedisLedger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisLedger")
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+fn err(e: impl std::fmt::Display) -> LedgerError {
+    LedgerError(format!("redis: {e}"))
+}
+
+impl RedisLedger {
+    /// Connects to `url` (`redis://host:port/db`); every key starts with `prefix`.
+    pub fn connect(
+        url: &str,
+        prefix: &str,
+        connections: usize,
+    ) -> Result<RedisLedger, LedgerError> {
+        let client = Client::open(url).map_err(err)?;
+        let first = client.get_connection().map_err(err)?;
+        let mut pool: Vec<Mutex<Option<Connection>>> = vec![Mutex::new(Some(first))];
+        for _ in 1..connections.max(1) {
+            pool.push(Mutex::new(None));
+        }
+        Ok(RedisLedger {
+            client,
+            connections: pool,
+            next: AtomicUsize::new(0),
+            prefix: prefix.to_string(),
+            apply: Script::new(include_str!("apply.lua")),
+            record: Script::new(include_str!("record.lua")),
+            used: Script::new(include_str!("used.lua")),
+            release: Script::new(include_str!("release.lua")),
+        })
+    }
+
+    /// Runs `f` on a pooled connection, reconnecting once if it is broken.
+    fn with<T>(
+        &self,
+        f: impl Fn(&mut Connection) -> redis::RedisResult<T>,
+    ) -> Result<T, LedgerError> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len();
+        let mut slot = self.connections[i].lock();
+        for attempt in 0..2 {
+            if slot.is_none() {
+                *slot = Some(self.client.get_connection().map_err(err)?);
+            }
+            match f(slot.as_mut().expect("connected above")) {
+                Ok(v) => return Ok(v),
+                Err(e) if attempt == 0 && (e.is_io_error() || e.is_connection_dropped()) => {
+                    *slot = None
+                }
+                Err(e) => return Err(err(e)),
+            }
+        }
+        Err(LedgerError("redis: unreachable".into()))
+    }
+
+    /// The Redis key of a counter: the same in every process.
+    fn counter(&self, key: &CounterKey<'_>) -> String {
+        let mut parts: Vec<&str> = vec![key.policy, key.rule];
+        parts.extend(key.values.iter().copied());
+        format!("{}:c:{}", self.prefix, Value::from(parts))
+    }
+
+    fn decision(&self, id: u128) -> String {
+        format!("{}:d:{id:032x}", self.prefix)
+    }
+
+    fn lease(&self, id: u128) -> String {
+        format!("{}:l:{id:032x}", self.prefix)
+    }
+}
+
+fn label(key: &CounterKey<'_>) -> String {
+    json!({
+        "policy": key.policy,
+        "rule": key.rule,
+        "by": key.by.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "values": key.values,
+    })
+    .to_string()
+}
+
+impl Ledger for RedisLedger {
+    fn apply(&self, plan: &Plan<'_>, mode: Apply) -> Result<Vec<OpResult>, LedgerError> {
+        let mut keys: Vec<String> = Vec::with_capacity(plan.ops.len() + 2);
+        let mut ops = Vec::with_capacity(plan.ops.len());
+        for op in &plan.ops {
+            keys.push(self.counter(&op.key));
+            let mut o = match &op.kind {
+                OpKind::Rate {
+                    algorithm,
+                    limit,
+                    per_ms,
+                    burst,
+                } => json!({
+                    "t": match algorithm { Algorithm::TokenBucket => "tb", Algorithm::FixedWindow => "fw", Algorithm::SlidingWindow => "sw" },
+                    "limit": limit, "per": per_ms, "burst": burst,
+                }),
+                OpKind::Spend {
+                    window_start,
+                    window_ms,
+                    limit,
+                    amount,
+                } => {
+                    let mut o = json!({"t": "sp", "limit": limit.0, "amount": amount.0, "label": label(&op.key)});
+                    if *window_start != i64::MIN {
+                        o["ws"] = json!(window_start);
+                    }
+                    if let Some(w) = window_ms {
+                        o["wms"] = json!(w);
+                    }
+                    o
+                }
+                OpKind::Forecast {
+                    lookback_ms,
+                    monthly_budget,
+                } => {
+                    json!({"t": "fc", "lookback": lookback_ms, "budget": monthly_budget.0, "label": label(&op.key)})
+                }
+                OpKind::Lease { max, resource } => json!({
+                    "t": "ls", "max": max, "resource": resource,
+                    "by": op.key.by.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "values": op.key.values,
+                }),
+            };
+            o["enforcing"] = json!(op.enforcing);
+            ops.push(o);
+        }
+        keys.push(self.decision(plan.decision));
+        let mut doc = json!({
+            "now": plan.now,
+            "ttl": plan.reservation_ttl_ms,
+            "decision": format!("{:032x}", plan.decision),
+            "commit": mode == Apply::Commit,
+            "prefix": self.prefix,
+            "ops": ops,
+        });
+        match &plan.lease {
+            Some(l) => {
+                keys.push(self.lease(l.id));
+                let mut lease = json!({"id": format!("{:032x}", l.id), "resource": l.resource, "subject": l.subject});
+                if let Some(e) = l.expires_at {
+                    lease["exp"] = json!(e);
+                }
+                doc["lease"] = lease;
+            }
+            None => keys.push(format!("{}:l:none", self.prefix)),
+        }
+        let arg = doc.to_string();
+        let rows: Vec<Vec<i64>> = self.with(|c| {
+            let mut inv = self.apply.prepare_invoke();
+            for k in &keys {
+                inv.key(k);
+            }
+            inv.arg(&arg).invoke(c)
+        })?;
+        Ok(rows
+            .into_iter()
+            .map(|r| OpResult {
+                granted: r.first() == Some(&1),
+                used: r.get(1).copied().unwrap_or(0),
+                remaining: r.get(2).copied().unwrap_or(0),
+                retry_after_ms: r.get(3).copied().filter(|v| *v >= 0).map(|v| v as u64),
+            })
+            .collect())
+    }
+
+    fn spend_used(
+        &self,
+        key: &CounterKey<'_>,
+        window_start: i64,
+        now: i64,
+    ) -> Result<Micros, LedgerError> {
+        let k = self.counter(key);
+        let ws = if window_start == i64::MIN {
+            "total".to_string()
+        } else {
+            window_start.to_string()
+        };
+        let (spent, reserved): (i64, i64) =
+            self.with(|c| self.used.key(&k).arg(&ws).arg(now).invoke(c))?;
+        Ok(Micros(spent + reserved))
+    }
+
+    fn record(
+        &self,
+        decision: u128,
+        cost: Micros,
+        _now: i64,
+    ) -> Result<RecordOutcome, LedgerError> {
+        let k = self.decision(decision);
+        let d = format!("{decision:032x}");
+        let outcome: String = self.with(|c| self.record.key(&k).arg(cost.0).arg(&d).invoke(c))?;
+        Ok(match outcome.as_str() {
+            "recorded" => RecordOutcome::Recorded,
+            "duplicate" => RecordOutcome::Duplicate,
+            _ => RecordOutcome::UnknownDecision,
+        })
+    }
+
+    fn release(&self, lease: u128, now: i64) -> Result<bool, LedgerError> {
+        let k = self.lease(lease);
+        let id = format!("{lease:032x}");
+        let live: i64 = self.with(|c| {
+            self.release
+                .key(&k)
+                .arg(&id)
+                .arg(now)
+                .arg(&self.prefix)
+                .invoke(c)
+        })?;
+        Ok(live == 1)
+    }
+
+    fn spend_usage(
+        &self,
+        filter: Option<(&str, &str)>,
+        now: i64,
+        window_of: &dyn Fn(&str, &str) -> Option<i64>,
+    ) -> Result<Vec<SpendUsage>, LedgerError> {
+        let pattern = format!("{}:c:*:m", self.prefix);
+        let metas: Vec<String> = self.with(|c| {
+            let iter: redis::Iter<'_, String> = redis::cmd("SCAN")
+                .cursor_arg(0)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .clone()
+                .iter(c)?;
+            iter.collect::<redis::RedisResult<Vec<String>>>()
+        })?;
+        let mut out = Vec::new();
+        for meta in metas {
+            let text: Option<String> =
+                self.with(|c| redis::cmd("HGET").arg(&meta).arg("label").query(c))?;
+            let Some(label) = text.and_then(|t| serde_json::from_str::<Value>(&t).ok()) else {
+                continue;
+            };
+            let (policy, rule) = (
+                label["policy"].as_str().unwrap_or_default(),
+                label["rule"].as_str().unwrap_or_default(),
+            );
+            let by: Vec<String> = label["by"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let values: Vec<String> = label["values"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if let Some((d, v)) = filter
+                && !by.iter().zip(&values).any(|(bd, bv)| bd == d && bv == v)
+            {
+                continue;
+            }
+            let Some(window_start) = window_of(policy, rule) else {
+                continue;
+            };
+            let counter = meta.trim_end_matches(":m").to_string();
+            let ws = if window_start == i64::MIN {
+                "total".to_string()
+            } else {
+                window_start.to_string()
+            };
+            let (spent, reserved): (i64, i64) =
+                self.with(|c| self.used.key(&counter).arg(&ws).arg(now).invoke(c))?;
+            let key = if by.is_empty() {
+                "*".to_string()
+            } else {
+                by.iter()
+                    .zip(&values)
+                    .map(|(d, v)| format!("{d}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            out.push(SpendUsage {
+                policy: policy.to_string(),
+                rule: rule.to_string(),
+                key,
+                first_value: values.first().cloned(),
+                spent: Micros(spent),
+                reserved: Micros(reserved),
+            });
+        }
+        out.sort_by(|a, b| (&a.policy, &a.rule, &a.key).cmp(&(&b.policy, &b.rule, &b.key)));
+        Ok(out)
+    }
+}
+
+impl RedisLedger {
+    /// Deletes every key under this ledger's prefix (tests, or starting over).
+    pub fn delete_all(&self) -> Result<u64, LedgerError> {
+        let pattern = format!("{}:*", self.prefix);
+        let keys: Vec<String> = self.with(|c| {
+            let iter: redis::Iter<'_, String> = redis::cmd("SCAN")
+                .cursor_arg(0)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .clone()
+                .iter(c)?;
+            iter.collect::<redis::RedisResult<Vec<String>>>()
+        })?;
+        let mut deleted = 0;
+        for chunk in keys.chunks(500) {
+            deleted += self.with(|c| redis::cmd("DEL").arg(chunk).query::<u64>(c))?;
+        }
+        Ok(deleted)
+    }
+
+    /// Whether Redis answers (`/readyz`).
+    pub fn ping(&self) -> Result<(), LedgerError> {
+        self.with(|c| redis::cmd("PING").query::<String>(c))
+            .map(|_| ())
+    }
+}

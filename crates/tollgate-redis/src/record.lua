@@ -1,0 +1,17 @@
+-- Replaces a decision's reservations by its actual cost, once.
+-- KEYS[1]: the decision record. ARGV[1]: the cost (micro-dollars), ARGV[2]: the decision.
+local d = redis.call('HMGET', KEYS[1], 'at', 'sinks', 'recorded')
+if not d[1] then return 'unknown' end
+if d[3] == '1' then return 'duplicate' end
+local cost = tonumber(ARGV[1])
+local decision = ARGV[2]
+for _, key in ipairs(cjson.decode(d[2])) do
+  redis.call('ZREM', key .. ':rv', decision)
+  redis.call('HDEL', key .. ':ra', decision)
+  if cost ~= 0 then
+    redis.call('ZADD', key .. ':ev', d[1], decision)
+    redis.call('HSET', key .. ':am', decision, cost)
+  end
+end
+redis.call('HSET', KEYS[1], 'recorded', 1)
+return 'recorded'

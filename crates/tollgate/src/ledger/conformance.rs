@@ -1,0 +1,308 @@
+//! The ledger conformance suite: every backend must give these answers. A backend's
+//! tests call [`run_all`] with a factory of fresh, empty ledgers.
+#![allow(missing_docs)]
+
+use crate::Micros;
+use crate::ledger::{
+    Algorithm, Apply, CounterKey, Ledger, NewLease, Op, OpKind, Plan, RecordOutcome,
+};
+use crate::request::{Dimension, Subject, SubjectDim};
+
+pub const TTL: i64 = 60_000;
+static BY_USER: [Dimension; 1] = [Dimension::Subject(SubjectDim::User)];
+
+fn key(rule: &'static str) -> CounterKey<'static> {
+    CounterKey::new("p", rule, &[], vec![])
+}
+
+fn rate(rule: &'static str, limit: u64) -> Op<'static> {
+    Op {
+        key: key(rule),
+        kind: OpKind::Rate {
+            algorithm: Algorithm::TokenBucket,
+            limit,
+            per_ms: 60_000,
+            burst: limit,
+        },
+        enforcing: true,
+    }
+}
+
+fn spend(rule: &'static str, limit: i64, amount: i64, enforcing: bool) -> Op<'static> {
+    Op {
+        key: key(rule),
+        kind: OpKind::Spend {
+            window_start: i64::MIN,
+            window_ms: None,
+            limit: Micros(limit),
+            amount: Micros(amount),
+        },
+        enforcing,
+    }
+}
+
+fn plan(decision: u128, now: i64, ops: Vec<Op<'static>>) -> Plan<'static> {
+    Plan {
+        decision,
+        now,
+        reservation_ttl_ms: TTL,
+        ops,
+        lease: None,
+    }
+}
+
+/// Conformance check `a_refused_enforcing_operation_commits_nothing`.
+pub fn a_refused_enforcing_operation_commits_nothing(name: &str, l: &dyn Ledger) {
+    let r = l
+        .apply(
+            &plan(1, 0, vec![rate("r", 5), spend("s", 100, 200, true)]),
+            Apply::Commit,
+        )
+        .unwrap();
+    assert!(r[0].granted && !r[1].granted, "{name}");
+    let r = l
+        .apply(&plan(2, 0, vec![rate("r", 5)]), Apply::Commit)
+        .unwrap();
+    assert_eq!(
+        (r[0].used, r[0].remaining),
+        (0, 4),
+        "{name}: the refused plan took a token"
+    );
+    assert_eq!(
+        l.spend_used(&key("s"), i64::MIN, 0).unwrap(),
+        Micros(0),
+        "{name}"
+    );
+}
+
+/// Conformance check `a_dry_run_changes_nothing`.
+pub fn a_dry_run_changes_nothing(name: &str, l: &dyn Ledger) {
+    for _ in 0..3 {
+        let r = l
+            .apply(
+                &plan(1, 0, vec![rate("r", 1), spend("s", 100, 60, true)]),
+                Apply::DryRun,
+            )
+            .unwrap();
+        assert!(r.iter().all(|r| r.granted), "{name}");
+    }
+    assert_eq!(
+        l.spend_used(&key("s"), i64::MIN, 0).unwrap(),
+        Micros(0),
+        "{name}"
+    );
+}
+
+/// Conformance check `non_enforcing_operations_reserve_but_never_go_into_debt`.
+pub fn non_enforcing_operations_reserve_but_never_go_into_debt(name: &str, l: &dyn Ledger) {
+    let soft = |d| {
+        plan(
+            d,
+            0,
+            vec![
+                spend("s", 100, 80, false),
+                Op {
+                    enforcing: false,
+                    ..rate("r", 1)
+                },
+            ],
+        )
+    };
+    let r = l.apply(&soft(1), Apply::Commit).unwrap();
+    assert!(r[0].granted && r[1].granted, "{name}");
+    let r = l.apply(&soft(2), Apply::Commit).unwrap();
+    assert!(!r[0].granted && !r[1].granted, "{name}");
+    assert_eq!(
+        l.spend_used(&key("s"), i64::MIN, 0).unwrap(),
+        Micros(160),
+        "{name}: reserved anyway"
+    );
+    // One minute later the bucket holds exactly one token again: it was never below zero.
+    let r = l
+        .apply(&plan(3, 60_000, vec![rate("r", 1)]), Apply::Commit)
+        .unwrap();
+    assert!(r[0].granted, "{name}");
+    let r = l
+        .apply(&plan(4, 60_000, vec![rate("r", 1)]), Apply::Commit)
+        .unwrap();
+    assert!(!r[0].granted, "{name}");
+}
+
+/// Conformance check `record_replaces_the_reservation_once`.
+pub fn record_replaces_the_reservation_once(name: &str, l: &dyn Ledger) {
+    l.apply(
+        &plan(7, 1_000, vec![spend("s", 1_000, 300, true)]),
+        Apply::Commit,
+    )
+    .unwrap();
+    assert_eq!(
+        l.spend_used(&key("s"), i64::MIN, 1_000).unwrap(),
+        Micros(300),
+        "{name}"
+    );
+    assert_eq!(
+        l.record(7, Micros(120), 2_000).unwrap(),
+        RecordOutcome::Recorded,
+        "{name}"
+    );
+    assert_eq!(
+        l.record(7, Micros(500), 2_000).unwrap(),
+        RecordOutcome::Duplicate,
+        "{name}"
+    );
+    assert_eq!(
+        l.record(8, Micros(500), 2_000).unwrap(),
+        RecordOutcome::UnknownDecision,
+        "{name}"
+    );
+    assert_eq!(
+        l.spend_used(&key("s"), i64::MIN, 2_000).unwrap(),
+        Micros(120),
+        "{name}"
+    );
+    // Spend is attributed to the check's time, not the record's.
+    assert_eq!(
+        l.spend_used(&key("s"), 1_000, 2_000).unwrap(),
+        Micros(120),
+        "{name}"
+    );
+    assert_eq!(
+        l.spend_used(&key("s"), 1_001, 2_000).unwrap(),
+        Micros(0),
+        "{name}"
+    );
+}
+
+/// Conformance check `reservations_expire_at_check_time_plus_ttl`.
+pub fn reservations_expire_at_check_time_plus_ttl(name: &str, l: &dyn Ledger) {
+    l.apply(
+        &plan(1, 0, vec![spend("s", 1_000, 300, true)]),
+        Apply::Commit,
+    )
+    .unwrap();
+    assert_eq!(
+        l.spend_used(&key("s"), i64::MIN, TTL - 1).unwrap(),
+        Micros(300),
+        "{name}"
+    );
+    assert_eq!(
+        l.spend_used(&key("s"), i64::MIN, TTL).unwrap(),
+        Micros(0),
+        "{name}"
+    );
+}
+
+/// Conformance check `leases_count_until_released_or_lapsed`.
+pub fn leases_count_until_released_or_lapsed(name: &str, l: &dyn Ledger) {
+    let subject = Subject {
+        product: Some("acme".into()),
+        ..Subject::default()
+    };
+    let acquire = |id: u128, now: i64, expires_at: Option<i64>| {
+        let op = Op {
+            key: CounterKey::new("p", "q", &[], vec![]),
+            kind: OpKind::Lease {
+                resource: "engines".into(),
+                max: 2,
+            },
+            enforcing: true,
+        };
+        let p = Plan {
+            decision: id,
+            now,
+            reservation_ttl_ms: TTL,
+            ops: vec![op],
+            lease: Some(NewLease {
+                id,
+                resource: "engines",
+                subject: &subject,
+                expires_at,
+            }),
+        };
+        l.apply(&p, Apply::Commit).unwrap()[0].granted
+    };
+    assert!(acquire(1, 0, None), "{name}");
+    assert!(acquire(2, 0, Some(1_000)), "{name}");
+    assert!(!acquire(3, 999, None), "{name}");
+    assert!(acquire(4, 1_000, None), "{name}: the TTL lease lapsed");
+    assert!(!acquire(5, 1_000, None), "{name}");
+    assert!(l.release(1, 1_000).unwrap(), "{name}");
+    assert!(!l.release(1, 1_000).unwrap(), "{name}: released twice");
+    assert!(acquire(6, 1_000, None), "{name}");
+}
+
+/// Conformance check `forecast_projects_recorded_spend_only`.
+pub fn forecast_projects_recorded_spend_only(name: &str, l: &dyn Ledger) {
+    let day = 86_400_000;
+    let forecast = |d, now| {
+        let op = Op {
+            key: key("f"),
+            kind: OpKind::Forecast {
+                lookback_ms: 2 * day,
+                monthly_budget: Micros(30_000_000),
+            },
+            enforcing: true,
+        };
+        l.apply(&plan(d, now, vec![op]), Apply::Commit).unwrap()[0].clone()
+    };
+    assert!(forecast(1, 0).granted, "{name}");
+    l.record(1, Micros(1_999_999), 0).unwrap();
+    let r = forecast(2, 0);
+    assert!(r.granted, "{name}: 1.999999 / 2 days × 30 < 30");
+    assert_eq!(r.used, 29_999_985, "{name}");
+    l.record(2, Micros(1), 0).unwrap();
+    assert!(!forecast(3, 0).granted, "{name}: 2 / 2 × 30 = 30");
+    assert!(
+        !forecast(4, 2 * day).granted,
+        "{name}: the lower edge is inside"
+    );
+    assert!(forecast(5, 2 * day + 1).granted, "{name}");
+}
+
+/// Conformance check `usage_lists_spend_counters_by_dimension`.
+pub fn usage_lists_spend_counters_by_dimension(name: &str, l: &dyn Ledger) {
+    for (d, user) in [(1u128, "u1"), (2, "u2")] {
+        let op = Op {
+            key: CounterKey::new("p", "b", &BY_USER, vec![user]),
+            kind: OpKind::Spend {
+                window_start: 0,
+                window_ms: Some(86_400_000),
+                limit: Micros(10),
+                amount: Micros(3),
+            },
+            enforcing: true,
+        };
+        l.apply(&plan(d, 5, vec![op]), Apply::Commit).unwrap();
+    }
+    l.record(1, Micros(2), 6).unwrap();
+    let rows = l
+        .spend_usage(Some(("user", "u1")), 6, &|_, _| Some(0))
+        .unwrap();
+    assert_eq!(rows.len(), 1, "{name}");
+    assert_eq!(
+        (rows[0].key.as_str(), rows[0].spent, rows[0].reserved),
+        ("user=u1", Micros(2), Micros(0)),
+        "{name}"
+    );
+    assert_eq!(
+        l.spend_usage(None, 6, &|_, _| Some(0)).unwrap().len(),
+        2,
+        "{name}"
+    );
+    assert!(
+        l.spend_usage(None, 6, &|_, _| None).unwrap().is_empty(),
+        "{name}"
+    );
+}
+
+/// Runs every check, each on a fresh ledger from `make`.
+pub fn run_all(name: &str, make: &dyn Fn() -> Box<dyn Ledger>) {
+    a_refused_enforcing_operation_commits_nothing(name, &*make());
+    a_dry_run_changes_nothing(name, &*make());
+    non_enforcing_operations_reserve_but_never_go_into_debt(name, &*make());
+    record_replaces_the_reservation_once(name, &*make());
+    reservations_expire_at_check_time_plus_ttl(name, &*make());
+    leases_count_until_released_or_lapsed(name, &*make());
+    forecast_projects_recorded_spend_only(name, &*make());
+    usage_lists_spend_counters_by_dimension(name, &*make());
+}
