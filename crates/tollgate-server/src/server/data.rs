@@ -17,7 +17,7 @@ use tollgate::duration::Millis;
 use tollgate::{Decision, EngineError, Micros, RecordOutcome, Request, RunSpec, Subject};
 
 use super::error::{ApiError, body_rejection, parse_json};
-use super::{State, auth};
+use super::{Counters, State, auth};
 
 /// Only the named query parameters are accepted (a typo must not be silently ignored).
 pub fn query(q: &HashMap<String, String>, allowed: &[&str]) -> Result<(), ApiError> {
@@ -58,6 +58,13 @@ pub fn observe(decision: &Decision, started: Instant, endpoint: &'static str) {
     metrics::counter!("tollgate_decisions_total", "code" => decision.code.as_str(), "rule" => rule, "endpoint" => endpoint)
         .increment(1);
     metrics::histogram!("tollgate_decision_seconds").record(started.elapsed().as_secs_f64());
+    if decision
+        .reason
+        .as_deref()
+        .is_some_and(|r| r.starts_with("ledger backend error"))
+    {
+        metrics::counter!("tollgate_ledger_errors_total").increment(1);
+    }
     if !decision.allowed {
         tracing::info!(
             code = decision.code.as_str(),
@@ -110,11 +117,13 @@ pub async fn check(
     let request: Request = parse_json(&body.map_err(body_rejection)?)?;
     ensure_run(&s, request.subject.run.as_deref()).await?;
     let started = Instant::now();
-    let decision = if explain {
-        s.engine.check_explained(&request)
-    } else {
-        s.engine.check(&request)
-    };
+    let decision = s.blocking(|| {
+        if explain {
+            s.engine.check_explained(&request)
+        } else {
+            s.engine.check(&request)
+        }
+    });
     observe(&decision, started, "check");
     Ok(decision_response(&decision, StatusCode::OK))
 }
@@ -143,7 +152,33 @@ pub async fn record(
         ApiError::bad_request(format!("`{}` is not a decision id", body.decision_id))
     })?;
     let now = s.clock.now_ms();
-    let duplicate = match s.ledger.begin_record(id.as_u128(), now) {
+    let ledger = match &s.counters {
+        Counters::Memory(l) => l,
+        Counters::Redis(_) => {
+            // Redis counts the cost (idempotently) in its own script; the store keeps
+            // the durable row and answers duplicates across restarts.
+            let outcome = s
+                .blocking(|| s.engine.record(&body.decision_id, body.cost_usd))
+                .map_err(|e| ApiError::unavailable(e.to_string()))?;
+            let duplicate = match outcome {
+                RecordOutcome::Recorded => {
+                    s.store
+                        .record_spend(&body.decision_id, now, body.cost_usd, now, Vec::new())
+                        .await?;
+                    false
+                }
+                RecordOutcome::Duplicate => true,
+                RecordOutcome::UnknownDecision
+                    if s.store.spend_recorded(&body.decision_id).await? =>
+                {
+                    true
+                }
+                RecordOutcome::UnknownDecision => return Err(unknown_decision(&body.decision_id)),
+            };
+            return Ok(recorded(duplicate));
+        }
+    };
+    let duplicate = match ledger.begin_record(id.as_u128(), now) {
         Ok(pending) => {
             // Durable first: only a committed record is acknowledged.
             if let Err(e) = s
@@ -157,27 +192,30 @@ pub async fn record(
                 )
                 .await
             {
-                s.ledger.abort_record(id.as_u128());
+                ledger.abort_record(id.as_u128());
                 return Err(e.into());
             }
-            s.ledger.finish_record(&pending, body.cost_usd);
+            ledger.finish_record(&pending, body.cost_usd);
             false
         }
         Err(RecordOutcome::Duplicate) => true,
         Err(_) if s.store.spend_recorded(&body.decision_id).await? => true,
-        Err(_) => {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "UNKNOWN_DECISION",
-                format!(
-                    "no allowed decision `{}` to record against (unknown, denied, or too old)",
-                    body.decision_id
-                ),
-            ));
-        }
+        Err(_) => return Err(unknown_decision(&body.decision_id)),
     };
+    Ok(recorded(duplicate))
+}
+
+fn unknown_decision(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "UNKNOWN_DECISION",
+        format!("no allowed decision `{id}` to record against (unknown, denied, or too old)"),
+    )
+}
+
+fn recorded(duplicate: bool) -> Response {
     metrics::counter!("tollgate_records_total", "duplicate" => if duplicate { "true" } else { "false" }).increment(1);
-    Ok(Json(json!({"recorded": true, "duplicate": duplicate})).into_response())
+    Json(json!({"recorded": true, "duplicate": duplicate})).into_response()
 }
 
 /// `POST /v1/leases`: a check that also takes a lease on `resource` (`?ttl=30s` lets the
@@ -219,7 +257,7 @@ pub async fn acquire_lease(
     };
     ensure_run(s, request.subject.run.as_deref()).await?;
     let started = Instant::now();
-    let decision = s.engine.acquire(request, ttl, explain);
+    let decision = s.blocking(|| s.engine.acquire(request, ttl, explain));
     observe(&decision, started, endpoint);
     if let Some(lease) = &decision.lease_id {
         let now = s.clock.now_ms();
@@ -229,7 +267,7 @@ pub async fn acquire_lease(
             .insert_lease(lease, resource, &request.subject, expires, now)
             .await
         {
-            let _ = s.engine.release(lease);
+            let _ = s.blocking(|| s.engine.release(lease));
             return Err(e.into());
         }
     }
@@ -254,8 +292,7 @@ pub async fn release_lease(s: &super::AppState, id: &str) -> Result<(), ApiError
     }
     let stored = s.store.delete_lease(id).await?;
     let live = s
-        .engine
-        .release(id)
+        .blocking(|| s.engine.release(id))
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     if stored || live {
         Ok(())
@@ -352,8 +389,7 @@ pub async fn usage(
         }
     };
     let items = s
-        .engine
-        .usage(filter)
+        .blocking(|| s.engine.usage(filter))
         .map_err(|e| ApiError::unavailable(e.to_string()))?;
     Ok(Json(json!({ "items": items })).into_response())
 }
@@ -367,11 +403,20 @@ pub async fn healthz() -> Response {
 /// `GET /readyz`: the store answers.
 #[utoipa::path(get, path = "/readyz", responses((status = 200), (status = 503)))]
 pub async fn readyz(s: State) -> Response {
-    match s.store.ping().await {
-        Ok(()) => Json(json!({"status": "ready", "policy_version": s.engine.policy().version()}))
-            .into_response(),
-        Err(e) => ApiError::unavailable(format!("the store does not answer: {e}")).into_response(),
+    if let Err(e) = s.store.ping().await {
+        return ApiError::unavailable(format!("the store does not answer: {e}")).into_response();
     }
+    if let Counters::Redis(r) = &s.counters
+        && let Err(e) = s.blocking(|| r.ping())
+    {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "LEDGER_UNAVAILABLE",
+            format!("the ledger does not answer: {e}"),
+        )
+        .into_response();
+    }
+    Json(json!({"status": "ready", "policy_version": s.engine.policy().version()})).into_response()
 }
 
 /// `GET /metrics`: Prometheus text.

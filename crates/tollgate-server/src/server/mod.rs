@@ -20,6 +20,7 @@ use tokio::sync::Mutex;
 
 use tollgate::ledger::MemoryLedger;
 use tollgate::{Clock, Engine, PolicySet, SystemClock};
+use tollgate_redis::RedisLedger;
 use tollgate_store::{Change, PolicyVersion, Store};
 
 mod admin;
@@ -48,7 +49,8 @@ pub struct ServeOptions {
     /// (shared by many instances; each picks up the others' changes within a second).
     #[arg(long)]
     pub database: Option<String>,
-    /// A Redis ledger for many instances (not available yet).
+    /// A Redis ledger (`redis://…`): rate, reservation, spend and lease counters shared by
+    /// every instance, so limits are exact across them (one Lua script per decision).
     #[arg(long)]
     pub redis: Option<String>,
     /// Also serve the OpenAI-compatible gateway (not available yet).
@@ -59,10 +61,28 @@ pub struct ServeOptions {
     pub max_body_bytes: usize,
 }
 
+/// Where the counters live.
+pub enum Counters {
+    /// In this process (the embedded default).
+    Memory(Arc<MemoryLedger>),
+    /// In Redis, shared by every instance.
+    Redis(Arc<RedisLedger>),
+}
+
+impl AppState {
+    /// Runs engine work that may wait on Redis without stalling the async workers.
+    pub fn blocking<T>(&self, f: impl FnOnce() -> T) -> T {
+        match self.counters {
+            Counters::Memory(_) => f(),
+            Counters::Redis(_) => tokio::task::block_in_place(f),
+        }
+    }
+}
+
 /// Everything a handler needs.
 pub struct AppState {
     pub engine: Engine,
-    pub ledger: Arc<MemoryLedger>,
+    pub counters: Counters,
     pub store: Store,
     pub clock: Arc<dyn Clock>,
     pub api_keys: Keys,
@@ -119,9 +139,6 @@ fn metrics_recorder() -> Result<PrometheusHandle, String> {
 }
 
 async fn serve(options: ServeOptions) -> Result<(), String> {
-    if options.redis.is_some() {
-        return Err("--redis: the Redis ledger is not available in this version; run without it (in-process counters)".into());
-    }
     if options.gateway {
         return Err(
             "--gateway: the OpenAI-compatible gateway is not available in this version".into(),
@@ -153,11 +170,23 @@ async fn serve(options: ServeOptions) -> Result<(), String> {
     }
 
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    // With Redis, restored leases and spend stay in Redis: the in-memory ledger only
+    // receives them during restore and is then unused.
     let ledger = Arc::new(MemoryLedger::new());
+    let counters = match &options.redis {
+        Some(url) => Counters::Redis(Arc::new(
+            RedisLedger::connect(url, "tollgate", 16).map_err(|e| format!("--redis {url}: {e}"))?,
+        )),
+        None => Counters::Memory(ledger.clone()),
+    };
+    let engine_ledger: Arc<dyn tollgate::Ledger> = match &counters {
+        Counters::Memory(l) => l.clone(),
+        Counters::Redis(r) => r.clone(),
+    };
     let empty = PolicySet::compile("{}").map_err(|e| e.to_string())?;
     let engine = Engine::builder()
         .clock(clock.clone())
-        .ledger(ledger.clone())
+        .ledger(engine_ledger)
         .build(empty);
     let restored = store
         .restore(&engine, &ledger, clock.now_ms())
@@ -175,7 +204,7 @@ async fn serve(options: ServeOptions) -> Result<(), String> {
 
     let state = Arc::new(AppState {
         engine,
-        ledger,
+        counters,
         store: store.clone(),
         clock,
         api_keys,

@@ -177,7 +177,7 @@ pub async fn admit(
     auth::data(&s.api_keys, &headers)?;
     let request = request_for(&id, &body.map_err(body_rejection)?, "admit")?;
     let started = std::time::Instant::now();
-    let decision = s.engine.check(&request);
+    let decision = s.blocking(|| s.engine.check(&request));
     observe(&decision, started, "admit");
     if !decision.allowed {
         return Err(convention_error(&s, &id, &decision));
