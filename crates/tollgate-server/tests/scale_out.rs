@@ -11,7 +11,7 @@ use common::{ADMIN, Server, client, unique};
 use serde_json::{Value, json};
 use sqlx::Executor;
 
-struct PrivateRedis(Child, u16);
+struct PrivateRedis(Child);
 
 impl PrivateRedis {
     fn start(port: u16) -> PrivateRedis {
@@ -37,7 +37,7 @@ impl PrivateRedis {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        PrivateRedis(child, port)
+        PrivateRedis(child)
     }
 }
 
