@@ -9,54 +9,62 @@ local DAY = 86400000
 
 local function num(x) if x == false or x == nil then return nil end return tonumber(x) end
 
--- Recorded spend since ws (nil: all of it). Events before a finite window are folded
--- into a running total (they still count for `total`).
+-- Spend counters keep running sums in KEY:m (esum: recorded events still in KEY:ev;
+-- folded: events that fell out of every window; rsum: live reservations), so a check
+-- costs O(1) amortised whatever the traffic.
+
+-- Recorded spend since ws (nil: all of it). Events before a finite window are folded.
 local function recorded(key, ws)
+  local m = key .. ':m'
   if ws ~= nil then
     local old = redis.call('ZRANGEBYSCORE', key .. ':ev', '-inf', '(' .. ws)
     if #old > 0 then
       local folded = 0
-      for _, m in ipairs(old) do folded = folded + (num(redis.call('HGET', key .. ':am', m)) or 0) end
-      redis.call('HINCRBY', key .. ':m', 'folded', folded)
+      for _, d in ipairs(old) do folded = folded + (num(redis.call('HGET', key .. ':am', d)) or 0) end
+      redis.call('HINCRBY', m, 'folded', folded)
+      redis.call('HINCRBY', m, 'esum', -folded)
       redis.call('ZREMRANGEBYSCORE', key .. ':ev', '-inf', '(' .. ws)
       redis.call('HDEL', key .. ':am', unpack(old))
     end
   end
-  local total = 0
-  if ws == nil then total = num(redis.call('HGET', key .. ':m', 'folded')) or 0 end
-  local members = redis.call('ZRANGEBYSCORE', key .. ':ev', ws == nil and '-inf' or ws, '+inf')
-  for _, m in ipairs(members) do total = total + (num(redis.call('HGET', key .. ':am', m)) or 0) end
+  local h = redis.call('HMGET', m, 'esum', 'folded')
+  local total = num(h[1]) or 0
+  if ws == nil then total = total + (num(h[2]) or 0) end
   return total
 end
 
 -- Live reservations made since ws (nil: all).
 local function reserved(key, ws)
+  local m = key .. ':m'
   local expired = redis.call('ZRANGEBYSCORE', key .. ':rv', '-inf', now)
   if #expired > 0 then
+    local gone = 0
+    for _, d in ipairs(expired) do gone = gone + (num(redis.call('HGET', key .. ':ra', d)) or 0) end
+    redis.call('HINCRBY', m, 'rsum', -gone)
     redis.call('ZREMRANGEBYSCORE', key .. ':rv', '-inf', now)
+    redis.call('ZREM', key .. ':rat', unpack(expired))
     redis.call('HDEL', key .. ':ra', unpack(expired))
   end
-  local all = redis.call('HGETALL', key .. ':ra')
-  local total = 0
-  for i = 1, #all, 2 do
-    local at, amount = string.match(all[i + 1], '^(-?%d+):(-?%d+)$')
-    if ws == nil or tonumber(at) >= ws then total = total + tonumber(amount) end
+  local total = num(redis.call('HGET', m, 'rsum')) or 0
+  if ws ~= nil then
+    -- reservations from before the window (a period that just turned) do not count
+    for _, d in ipairs(redis.call('ZRANGEBYSCORE', key .. ':rat', '-inf', '(' .. ws)) do
+      total = total - (num(redis.call('HGET', key .. ':ra', d)) or 0)
+    end
   end
   return total
 end
 
--- When enough spend leaves a trailing window for `amount` to fit.
+-- When enough spend leaves a trailing window for `amount` to fit (only on a refusal).
 local function retry_after(key, ws, wms, used, amount, limit)
   local items = {}
   local ev = redis.call('ZRANGEBYSCORE', key .. ':ev', ws, '+inf', 'WITHSCORES')
   for i = 1, #ev, 2 do
     table.insert(items, {tonumber(ev[i + 1]), num(redis.call('HGET', key .. ':am', ev[i])) or 0})
   end
-  local all = redis.call('HGETALL', key .. ':ra')
-  for i = 1, #all, 2 do
-    local at, a = string.match(all[i + 1], '^(-?%d+):(-?%d+)$')
-    at = tonumber(at)
-    if at >= ws then table.insert(items, {at, tonumber(a)}) end
+  local rv = redis.call('ZRANGEBYSCORE', key .. ':rat', ws, '+inf', 'WITHSCORES')
+  for i = 1, #rv, 2 do
+    table.insert(items, {tonumber(rv[i + 1]), num(redis.call('HGET', key .. ':ra', rv[i])) or 0})
   end
   table.sort(items, function(x, y) return x[1] < y[1] end)
   local left = used
@@ -192,7 +200,9 @@ if plan.commit and not blocked then
       redis.call('HSET', key .. ':m', 'label', op.label)
       if op.t == 'sp' and op.amount > 0 then
         redis.call('ZADD', key .. ':rv', now + plan.ttl, plan.decision)
-        redis.call('HSET', key .. ':ra', plan.decision, now .. ':' .. op.amount)
+        redis.call('ZADD', key .. ':rat', now, plan.decision)
+        redis.call('HSET', key .. ':ra', plan.decision, op.amount)
+        redis.call('HINCRBY', key .. ':m', 'rsum', op.amount)
       end
       table.insert(sinks, key)
     elseif op.t == 'ls' and plan.lease then

@@ -6,11 +6,17 @@ if d[3] == '1' then return 'duplicate' end
 local cost = tonumber(ARGV[1])
 local decision = ARGV[2]
 for _, key in ipairs(cjson.decode(d[2])) do
-  redis.call('ZREM', key .. ':rv', decision)
-  redis.call('HDEL', key .. ':ra', decision)
+  local amount = tonumber(redis.call('HGET', key .. ':ra', decision))
+  if amount then
+    redis.call('HINCRBY', key .. ':m', 'rsum', -amount)
+    redis.call('HDEL', key .. ':ra', decision)
+    redis.call('ZREM', key .. ':rv', decision)
+    redis.call('ZREM', key .. ':rat', decision)
+  end
   if cost ~= 0 then
     redis.call('ZADD', key .. ':ev', d[1], decision)
     redis.call('HSET', key .. ':am', decision, cost)
+    redis.call('HINCRBY', key .. ':m', 'esum', cost)
   end
 end
 redis.call('HSET', KEYS[1], 'recorded', 1)

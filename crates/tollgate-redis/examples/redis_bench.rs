@@ -1,0 +1,117 @@
+//! Decisions per second through the Redis ledger against a same-run baseline: a bare
+//! token-bucket Lua script called by SHA on the same kind of connection, and the number
+//! of Redis commands (round trips) per decision.
+//!
+//! `cargo run --release -p tollgate-redis --example redis_bench -- redis://127.0.0.1:6379`
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use redis::Script;
+use tollgate::{Engine, Micros, Request, SystemClock};
+use tollgate_redis::RedisLedger;
+
+const THREADS: usize = 2;
+const PER_THREAD: usize = 20_000;
+
+const BUCKET: &str = r"
+local h = redis.call('HMGET', KEYS[1], 'u', 'l')
+local now, cap, rate = tonumber(ARGV[1]), 1e12, 1
+local u = tonumber(h[1]) or cap
+local l = tonumber(h[2]) or now
+u = math.min(cap, u + (now - l) * rate)
+if u >= 1 then redis.call('HSET', KEYS[1], 'u', u - 1, 'l', now) return 1 end
+return 0";
+
+/// Commands sent by clients (not those run inside scripts): EVALSHA, EVAL, SCRIPT LOAD
+/// and every plain command, from `INFO commandstats`, less those scripts call.
+fn round_trips(url: &str) -> u64 {
+    let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut c)
+        .unwrap();
+    info.lines()
+        .filter(|l| {
+            [
+                "cmdstat_evalsha:",
+                "cmdstat_eval:",
+                "cmdstat_script|load:",
+                "cmdstat_script:",
+            ]
+            .iter()
+            .any(|p| l.starts_with(p))
+        })
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+fn main() {
+    let url = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "redis://127.0.0.1:6379".into());
+    let prefix = format!("tollgate-bench:{}", std::process::id());
+
+    // Baseline: the bare Lua token bucket, one EVALSHA per call.
+    let script = Script::new(BUCKET);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let (url, script, prefix) = (&url, &script, &prefix);
+            s.spawn(move || {
+                let mut c = redis::Client::open(url.as_str())
+                    .unwrap()
+                    .get_connection()
+                    .unwrap();
+                for i in 0..PER_THREAD {
+                    let key = format!("{prefix}:base:{}", (t * PER_THREAD + i) % 1000);
+                    let _: i64 = script.key(key).arg(i as i64).invoke(&mut c).unwrap();
+                }
+            });
+        }
+    });
+    let baseline = (THREADS * PER_THREAD) as f64 / start.elapsed().as_secs_f64();
+
+    // tollgate: a policy with a rate limit, a budget and a cost velocity per user.
+    let policy = "policies: [{name: p, rules: [
+      {id: rpm, type: rate, limit: 1000000000, per: 1m, by: [user]},
+      {id: monthly, type: budget, limit_usd: 1000000, period: month, by: [user]},
+      {id: velocity, type: cost_velocity, limit_usd: 1000000, window: 1h, by: [team]}]}]";
+    let ledger = Arc::new(RedisLedger::connect(&url, &prefix, THREADS * 2).unwrap());
+    let engine = Engine::builder()
+        .clock(Arc::new(SystemClock))
+        .ledger(ledger.clone())
+        .build_from_text(policy)
+        .unwrap();
+    let before = round_trips(&url);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let engine = &engine;
+            s.spawn(move || {
+                for i in 0..PER_THREAD {
+                    let mut r = Request::default();
+                    r.subject.user = Some(format!("u{}", (t * PER_THREAD + i) % 1000));
+                    r.subject.team = Some(format!("t{}", i % 10));
+                    r.estimate.cost_usd = Some(Micros(10));
+                    assert!(engine.check(&r).allowed);
+                }
+            });
+        }
+    });
+    let decisions = (THREADS * PER_THREAD) as f64;
+    let rate = decisions / start.elapsed().as_secs_f64();
+    let per_decision = (round_trips(&url) - before) as f64 / decisions;
+    ledger.delete_all().unwrap();
+    println!("bare Lua token bucket (EVALSHA): {baseline:.0} calls/s");
+    println!("tollgate decisions (3 stateful rules, Redis ledger): {rate:.0} decisions/s");
+    println!("ratio: {:.2}", rate / baseline);
+    println!("Redis round trips (script calls) per decision: {per_decision:.2}");
+}
