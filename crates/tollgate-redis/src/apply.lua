@@ -204,6 +204,15 @@ if plan.commit and not blocked then
         redis.call('HSET', key .. ':ra', plan.decision, op.amount)
         redis.call('HINCRBY', key .. ':m', 'rsum', op.amount)
       end
+      -- A windowed counter lapses once nothing in it can count any more (a late record
+      -- within twice the reservation TTL included); a `total` one never does.
+      local window = op.wms or op.lookback
+      if window ~= nil then
+        local life = window + 2 * math.max(plan.ttl, 60000) + 1000
+        for _, part in ipairs({':m', ':ev', ':am', ':rv', ':rat', ':ra'}) do
+          redis.call('PEXPIRE', key .. part, life)
+        end
+      end
       table.insert(sinks, key)
     elseif op.t == 'ls' and plan.lease then
       if results[i][1] == 1 or not op.enforcing then

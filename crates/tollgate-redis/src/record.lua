@@ -17,6 +17,12 @@ for _, key in ipairs(cjson.decode(d[2])) do
     redis.call('ZADD', key .. ':ev', d[1], decision)
     redis.call('HSET', key .. ':am', decision, cost)
     redis.call('HINCRBY', key .. ':m', 'esum', cost)
+    -- new keys of a windowed counter lapse with it
+    local life = redis.call('PTTL', key .. ':m')
+    if life > 0 then
+      redis.call('PEXPIRE', key .. ':ev', life)
+      redis.call('PEXPIRE', key .. ':am', life)
+    end
   end
 end
 redis.call('HSET', KEYS[1], 'recorded', 1)
