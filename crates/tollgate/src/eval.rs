@@ -269,30 +269,23 @@ pub(crate) fn decide(
     } else {
         Apply::Commit
     };
+    // A ledger that cannot be reached answers nothing: the operations are judged as
+    // granted here, and `on_backend_error` of the policies that asked decides below.
+    let mut backend_error: Option<LedgerError> = None;
     let results: Vec<OpResult> = if plan.ops.is_empty() && plan.lease.is_none() {
         Vec::new()
     } else {
         match inputs.ledger.apply(&plan, mode) {
             Ok(r) => r,
             Err(e) => {
-                return Decision {
-                    allowed: false,
-                    code: Code::PolicyDenied,
-                    reason: Some(format!("{e}: denied (on_backend_error: deny)")),
-                    policy: None,
-                    rule: None,
-                    policy_version: set.version,
-                    matched_policies: names(set, &matched),
-                    model: request.model.clone(),
-                    guardrails,
-                    settings: inputs.settings,
-                    alerts: Vec::new(),
+                backend_error = Some(e);
+                let unknown = OpResult {
+                    granted: true,
+                    used: 0,
+                    remaining: 0,
                     retry_after_ms: None,
-                    decision_id: id_text(inputs.decision_id),
-                    remaining: BTreeMap::new(),
-                    trace,
-                    lease_id: None,
                 };
+                vec![unknown; plan.ops.len()]
             }
         }
     };
@@ -410,6 +403,18 @@ pub(crate) fn decide(
             }
         }
     }
+    if let Some(e) = backend_error {
+        decision.remaining.clear();
+        decision.lease_id = None;
+        if decision.allowed {
+            backend_failed(set, &plan, &e, &mut decision);
+        }
+        if !decision.allowed {
+            decision.retry_after_ms = None;
+            decision.trace = trace;
+            return decision;
+        }
+    }
     if !decision.allowed {
         decision.retry_after_ms = decision
             .retry_after_ms
@@ -422,6 +427,32 @@ pub(crate) fn decide(
     }
     decision.trace = trace;
     decision
+}
+
+/// The ledger failed and no rule denied on its own: each policy whose rules needed the
+/// ledger says, with `on_backend_error`, whether the call goes ahead (`allow`, reported
+/// as an alert) or not (`deny`, the default; run budgets always deny).
+fn backend_failed(set: &PolicySet, plan: &Plan<'_>, error: &LedgerError, decision: &mut Decision) {
+    let mut seen: Vec<&str> = Vec::new();
+    for op in &plan.ops {
+        if seen.contains(&op.key.policy) {
+            continue;
+        }
+        seen.push(op.key.policy);
+        if set.allows_backend_error(op.key.policy) {
+            decision.alerts.push(Alert {
+                policy: op.key.policy.to_string(),
+                rule: op.key.rule.to_string(),
+                reason: format!("{error}: allowed without counting (on_backend_error: allow)"),
+            });
+        } else if decision.allowed {
+            decision.allowed = false;
+            decision.code = Code::PolicyDenied;
+            decision.policy = Some(op.key.policy.to_string());
+            decision.rule = Some(op.key.rule.to_string());
+            decision.reason = Some(format!("{error}: denied (on_backend_error: deny)"));
+        }
+    }
 }
 
 /// An id as a hyphenated UUID, without the formatting machinery.

@@ -208,3 +208,96 @@ fn explain_traces_matching_rules_and_errors() {
     assert!(d.trace[3].detail.contains("no `user`"), "{:?}", d.trace[3]);
     assert!(engine.check(&Request::default()).trace.is_empty());
 }
+
+/// A ledger that cannot be reached.
+struct Down;
+
+impl tollgate::Ledger for Down {
+    fn apply(
+        &self,
+        _: &tollgate::ledger::Plan<'_>,
+        _: tollgate::ledger::Apply,
+    ) -> Result<Vec<tollgate::ledger::OpResult>, tollgate::ledger::LedgerError> {
+        Err(tollgate::ledger::LedgerError("connection refused".into()))
+    }
+    fn spend_used(
+        &self,
+        _: &tollgate::ledger::CounterKey<'_>,
+        _: i64,
+        _: i64,
+    ) -> Result<tollgate::Micros, tollgate::ledger::LedgerError> {
+        Err(tollgate::ledger::LedgerError("connection refused".into()))
+    }
+    fn record(
+        &self,
+        _: u128,
+        _: tollgate::Micros,
+        _: i64,
+    ) -> Result<tollgate::RecordOutcome, tollgate::ledger::LedgerError> {
+        Err(tollgate::ledger::LedgerError("connection refused".into()))
+    }
+    fn release(&self, _: u128, _: i64) -> Result<bool, tollgate::ledger::LedgerError> {
+        Err(tollgate::ledger::LedgerError("connection refused".into()))
+    }
+    fn spend_usage(
+        &self,
+        _: Option<(&str, &str)>,
+        _: i64,
+        _: &dyn Fn(&str, &str) -> Option<i64>,
+    ) -> Result<Vec<tollgate::ledger::SpendUsage>, tollgate::ledger::LedgerError> {
+        Err(tollgate::ledger::LedgerError("connection refused".into()))
+    }
+}
+
+#[test]
+fn on_backend_error_decides_when_the_ledger_is_down() {
+    let engine = Engine::builder()
+        .ledger(Arc::new(Down))
+        .build_from_text(
+            "policies:
+  - {name: lenient, on_backend_error: allow, rules: [{id: rpm, type: rate, limit: 10, per: 1m}]}
+  - {name: strict, match: {team: [strict]}, rules: [{id: spend, type: budget, limit_usd: 1, period: day}]}
+  - {name: models, rules: [{id: no-x, type: restrict_models, deny: [x]}]}",
+        )
+        .unwrap();
+    let d = engine.check(&request(json!({"model": "y"})));
+    assert!(d.allowed, "{d:?}");
+    assert_eq!(d.alerts.len(), 1);
+    assert_eq!(
+        (d.alerts[0].policy.as_str(), d.alerts[0].rule.as_str()),
+        ("lenient", "rpm")
+    );
+    assert!(
+        d.alerts[0].reason.contains("on_backend_error: allow"),
+        "{}",
+        d.alerts[0].reason
+    );
+
+    let d = engine.check(&request(
+        json!({"model": "y", "subject": {"team": "strict"}}),
+    ));
+    assert_eq!(
+        (d.allowed, d.code, d.policy.as_deref()),
+        (false, Code::PolicyDenied, Some("strict"))
+    );
+    assert!(
+        d.reason.as_deref().unwrap().contains("connection refused"),
+        "{d:?}"
+    );
+    assert!(d.remaining.is_empty());
+
+    // A rule that denies on its own still decides, whatever the ledger.
+    let d = engine.check(&request(
+        json!({"model": "x", "subject": {"team": "strict"}}),
+    ));
+    assert_eq!(d.rule.as_deref(), Some("no-x"));
+
+    let err = Engine::builder()
+        .build_from_text("policies: [{name: p, on_backend_error: maybe}]")
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("`maybe` is not one of: deny, allow"),
+        "{err}"
+    );
+}

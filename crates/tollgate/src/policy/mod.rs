@@ -49,6 +49,8 @@ pub(crate) struct Policy {
     /// The guardrails this policy yields when it matches (its chain folded).
     pub guardrails: Vec<String>,
     pub settings: Vec<(String, Json)>,
+    /// Whether a call goes ahead when the ledger cannot be reached.
+    pub allow_on_backend_error: bool,
     add: Vec<String>,
     remove: Vec<String>,
 }
@@ -176,6 +178,15 @@ impl PolicySet {
         out
     }
 
+    /// Whether the policy named `policy` lets calls through when the ledger fails
+    /// (`on_backend_error: allow`); run budgets (`run:<id>`) never do.
+    pub(crate) fn allows_backend_error(&self, policy: &str) -> bool {
+        self.policies
+            .iter()
+            .find(|p| p.name == policy)
+            .is_some_and(|p| p.allow_on_backend_error)
+    }
+
     /// Finds a rule by policy name and id.
     pub(crate) fn rule(&self, policy: &str, id: &str) -> Option<&Rule> {
         self.policies
@@ -212,6 +223,7 @@ const TOP: &[&str] = &[
 ];
 const POLICY: &[&str] = &[
     "name",
+    "on_backend_error",
     "description",
     "inherit",
     "match",
@@ -225,6 +237,7 @@ const MATCH: &[&str] = &[
 
 struct RawPolicy {
     name: Option<(String, Pos)>,
+    allow_on_backend_error: bool,
     inherit: Vec<(String, Pos)>,
     conditions: Vec<Condition>,
     add: Vec<(String, Pos)>,
@@ -391,6 +404,7 @@ fn compile_node(root: &Node, custom: &Registry) -> Result<PolicySet, PolicyError
             rules: p.rules,
             guardrails: Vec::new(),
             settings: p.settings.into_iter().map(|(k, v, _)| (k, v)).collect(),
+            allow_on_backend_error: p.allow_on_backend_error,
             add: p.add.into_iter().map(|(g, _)| g).collect(),
             remove: p.remove.into_iter().map(|(g, _)| g).collect(),
         })
@@ -506,6 +520,10 @@ fn read_policy(
     let inherit = get("inherit")
         .and_then(|n| reader::string_list(n, &at.field("inherit"), d))
         .unwrap_or_default();
+    let allow_on_backend_error = get("on_backend_error").is_some_and(|n| {
+        reader::one_of(n, &at.field("on_backend_error"), d, &["deny", "allow"])
+            .is_some_and(|v| v == "allow")
+    });
     let conditions = get("match").map_or_else(Vec::new, |n| conditions(n, &at.field("match"), d));
     let (add, remove) = get("guardrails").map_or_else(Default::default, |n| {
         guardrails(n, &at.field("guardrails"), d)
@@ -549,6 +567,7 @@ fn read_policy(
     }
     RawPolicy {
         name,
+        allow_on_backend_error,
         inherit,
         conditions,
         add,
