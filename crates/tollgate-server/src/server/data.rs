@@ -58,10 +58,9 @@ pub fn observe(decision: &Decision, started: Instant, endpoint: &'static str) {
     metrics::counter!("tollgate_decisions_total", "code" => decision.code.as_str(), "rule" => rule, "endpoint" => endpoint)
         .increment(1);
     metrics::histogram!("tollgate_decision_seconds").record(started.elapsed().as_secs_f64());
-    if decision
-        .reason
-        .as_deref()
-        .is_some_and(|r| r.starts_with("ledger backend error"))
+    let backend_failed = |r: &str| r.starts_with("ledger backend error");
+    if decision.reason.as_deref().is_some_and(backend_failed)
+        || decision.alerts.iter().any(|a| backend_failed(&a.reason))
     {
         metrics::counter!("tollgate_ledger_errors_total").increment(1);
     }
