@@ -10,7 +10,9 @@
 //! in-process hash), so every instance names a counter the same way. Recorded spend is
 //! also kept durably by the SQL store; Redis holds the hot counters.
 //!
-//! Not yet: rebuilding the counters from the SQL store after a Redis loss.
+//! After a Redis loss (the `alive` marker is gone), one instance rebuilds live leases
+//! and recorded spend from the SQL store ([`Restore`]); rate buckets start full and
+//! in-flight reservations are gone.
 #![warn(missing_docs)]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,8 +24,9 @@ use serde_json::{Value, json};
 use tollgate::Micros;
 use tollgate::ledger::{
     Algorithm, Apply, CounterKey, Ledger, LedgerError, OpKind, OpResult, Plan, RecordOutcome,
-    SpendUsage,
+    Restore, SpendSink, SpendUsage,
 };
+use tollgate::request::{Dimension, Subject};
 
 /// The Redis ledger.
 pub struct RedisLedger {
@@ -35,6 +38,7 @@ pub struct RedisLedger {
     record: Script,
     used: Script,
     release: Script,
+    restore: Script,
 }
 
 impl std::fmt::Debug for RedisLedger {
@@ -71,6 +75,7 @@ impl RedisLedger {
             record: Script::new(include_str!("record.lua")),
             used: Script::new(include_str!("used.lua")),
             release: Script::new(include_str!("release.lua")),
+            restore: Script::new(include_str!("restore.lua")),
         })
     }
 
@@ -120,6 +125,80 @@ fn label(key: &CounterKey<'_>) -> String {
         "values": key.values,
     })
     .to_string()
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Restore for RedisLedger {
+    fn restore_spend(
+        &self,
+        decision: u128,
+        sinks: &[SpendSink],
+        at: i64,
+        cost: Micros,
+    ) -> Result<(), LedgerError> {
+        let mut keys = Vec::with_capacity(sinks.len());
+        let mut labels = Vec::with_capacity(sinks.len());
+        for s in sinks {
+            let values: Vec<&str> = s.values.iter().map(String::as_str).collect();
+            let key = CounterKey::new(&s.policy, &s.rule, &s.by, values);
+            keys.push(self.counter(&key));
+            labels.push(label(&key));
+        }
+        let arg = json!({"decision": format!("{decision:032x}"), "at": at, "cost": cost.0, "labels": labels}).to_string();
+        self.with(|c| {
+            let mut inv = self.restore.prepare_invoke();
+            for k in &keys {
+                inv.key(k);
+            }
+            inv.arg(&arg).invoke::<i64>(c)
+        })
+        .map(|_| ())
+    }
+
+    fn restore_lease(
+        &self,
+        id: u128,
+        resource: &str,
+        subject: &Subject,
+        expires_at: Option<i64>,
+    ) -> Result<(), LedgerError> {
+        let id = format!("{id:032x}");
+        let exp = expires_at.unwrap_or(-1);
+        let index = format!("{}:lr:{resource}", self.prefix);
+        let record = format!("{}:l:{id}", self.prefix);
+        let entry = json!({"s": subject, "e": exp}).to_string();
+        self.with(|c| {
+            redis::pipe()
+                .atomic()
+                .cmd("HSET")
+                .arg(&index)
+                .arg(&id)
+                .arg(&entry)
+                .ignore()
+                .cmd("HSETNX")
+                .arg(&record)
+                .arg("keys")
+                .arg("[]")
+                .ignore()
+                .cmd("HSET")
+                .arg(&record)
+                .arg("exp")
+                .arg(exp)
+                .arg("res")
+                .arg(resource)
+                .ignore()
+                .query::<()>(c)
+        })
+    }
 }
 
 impl Ledger for RedisLedger {
@@ -339,6 +418,70 @@ impl Ledger for RedisLedger {
 }
 
 impl RedisLedger {
+    /// Records a cost and says what it was counted toward: the check's time and the
+    /// counters (so the SQL store can keep them and rebuild Redis after a loss).
+    pub fn record_counted(
+        &self,
+        decision: u128,
+        cost: Micros,
+    ) -> Result<(RecordOutcome, i64, Vec<SpendSink>), LedgerError> {
+        let k = self.decision(decision);
+        let d = format!("{decision:032x}");
+        let reply: Vec<String> =
+            self.with(|c| self.record.key(&k).arg(cost.0).arg(&d).invoke(c))?;
+        let outcome = match reply.first().map(String::as_str) {
+            Some("recorded") => RecordOutcome::Recorded,
+            Some("duplicate") => return Ok((RecordOutcome::Duplicate, 0, Vec::new())),
+            _ => return Ok((RecordOutcome::UnknownDecision, 0, Vec::new())),
+        };
+        let at = reply
+            .get(1)
+            .and_then(|a| a.parse::<f64>().ok())
+            .unwrap_or(0.0) as i64;
+        let sinks = reply[2..]
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .map(|l| SpendSink {
+                policy: l["policy"].as_str().unwrap_or_default().to_string(),
+                rule: l["rule"].as_str().unwrap_or_default().to_string(),
+                by: strings(&l["by"])
+                    .iter()
+                    .filter_map(|d| Dimension::parse(d))
+                    .collect(),
+                values: strings(&l["values"]),
+            })
+            .collect();
+        Ok((outcome, at, sinks))
+    }
+
+    /// Whether Redis still holds this ledger's data (a marker set after every rebuild).
+    pub fn is_alive(&self) -> Result<bool, LedgerError> {
+        let k = format!("{}:alive", self.prefix);
+        self.with(|c| redis::cmd("EXISTS").arg(&k).query::<i64>(c))
+            .map(|n| n == 1)
+    }
+
+    /// Marks the data as complete (after a rebuild, or on a first start).
+    pub fn mark_alive(&self) -> Result<(), LedgerError> {
+        let k = format!("{}:alive", self.prefix);
+        self.with(|c| redis::cmd("SET").arg(&k).arg(1).query::<()>(c))
+    }
+
+    /// Takes the rebuild lock for a minute, so one instance rebuilds.
+    pub fn try_lock_rebuild(&self) -> Result<bool, LedgerError> {
+        let k = format!("{}:rebuilding", self.prefix);
+        self.with(|c| {
+            redis::cmd("SET")
+                .arg(&k)
+                .arg(1)
+                .arg("NX")
+                .arg("PX")
+                .arg(60_000)
+                .query::<Option<String>>(c)
+        })
+        .map(|r| r.is_some())
+    }
+
     /// Deletes every key under this ledger's prefix (tests, or starting over).
     pub fn delete_all(&self) -> Result<u64, LedgerError> {
         let pattern = format!("{}:*", self.prefix);

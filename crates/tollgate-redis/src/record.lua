@@ -1,8 +1,8 @@
 -- Replaces a decision's reservations by its actual cost, once.
 -- KEYS[1]: the decision record. ARGV[1]: the cost (micro-dollars), ARGV[2]: the decision.
 local d = redis.call('HMGET', KEYS[1], 'at', 'sinks', 'recorded')
-if not d[1] then return 'unknown' end
-if d[3] == '1' then return 'duplicate' end
+if not d[1] then return {'unknown'} end
+if d[3] == '1' then return {'duplicate'} end
 local cost = tonumber(ARGV[1])
 local decision = ARGV[2]
 for _, key in ipairs(cjson.decode(d[2])) do
@@ -26,4 +26,9 @@ for _, key in ipairs(cjson.decode(d[2])) do
   end
 end
 redis.call('HSET', KEYS[1], 'recorded', 1)
-return 'recorded'
+-- the check's time and the counters' labels, so the store can keep what was counted
+local out = {'recorded', d[1]}
+for _, key in ipairs(cjson.decode(d[2])) do
+  table.insert(out, redis.call('HGET', key .. ':m', 'label') or '')
+end
+return out

@@ -164,6 +164,24 @@ async fn two_instances_share_exact_limits_and_fail_closed_without_redis() {
     }
     assert_eq!(reserved, 33, "33 × 0.03 fit in 1 USD");
 
+    // recorded spend, kept by the store with what it counted toward
+    let d: Value = c
+        .post(a.url("/v1/check"))
+        .json(&json!({"subject": {"user": "w"}, "estimate": {"cost_usd": "0.6"}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let r = c
+        .post(b.url("/v1/record"))
+        .json(&json!({"decision_id": d["decision_id"], "cost_usd": "0.6"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+
     // Redis lost: decisions fail closed, /readyz says so; Redis back: they recover
     drop(redis);
     let r = c
@@ -217,6 +235,33 @@ async fn two_instances_share_exact_limits_and_fail_closed_without_redis() {
             .as_u16(),
         200
     );
+    // the empty Redis is rebuilt from the store: the budget continues where it was
+    let t = Instant::now();
+    loop {
+        let u: Value = c
+            .get(a.url("/v1/usage?dimension=user&id=w"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if u["items"][0]["spent_usd"] == "0.600000" {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "Redis was not rebuilt: {u}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = c
+        .post(b.url("/v1/check"))
+        .json(&json!({"subject": {"user": "w"}, "estimate": {"cost_usd": "0.5"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 429);
     drop((a, b, redis));
     let _ = admin_pool
         .execute(sqlx::AssertSqlSafe(format!(

@@ -22,7 +22,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, AssertSqlSafe, Executor, Row, SqlSafeStr, SqlStr};
 use tokio::sync::{mpsc, oneshot};
 
-use tollgate::ledger::{MemoryLedger, SpendSink};
+use tollgate::ledger::{Restore, SpendSink};
 use tollgate::request::{Dimension, Subject};
 use tollgate::{Engine, Micros, RunInfo, RunSpec};
 
@@ -616,9 +616,18 @@ impl Store {
     pub async fn restore(
         &self,
         engine: &Engine,
-        ledger: &MemoryLedger,
+        ledger: &(dyn Restore + Sync),
         now: i64,
     ) -> Result<Option<u64>, StoreError> {
+        let version = self.restore_engine(engine).await?;
+        if version.is_some() {
+            self.replay_counters(ledger, now).await?;
+        }
+        Ok(version)
+    }
+
+    /// The newest policy version, the overrides and the runs, into a fresh engine.
+    pub async fn restore_engine(&self, engine: &Engine) -> Result<Option<u64>, StoreError> {
         let Some(latest) = self.latest_policy().await? else {
             return Ok(None);
         };
@@ -651,6 +660,20 @@ impl Store {
                 .restore_run(&spec, info, set)
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         }
+        tracing::info!(
+            version = latest.version,
+            "restored the policy, overrides and runs"
+        );
+        Ok(Some(latest.version))
+    }
+
+    /// Live leases and every recorded spend, into a ledger (a fresh one at start-up, or
+    /// a shared one that lost its data).
+    pub async fn replay_counters(
+        &self,
+        ledger: &(dyn Restore + Sync),
+        now: i64,
+    ) -> Result<(), StoreError> {
         let leases = sqlx::query(self.sql("SELECT id, resource, subject, expires_at FROM leases WHERE expires_at IS NULL OR expires_at > ?"))
             .bind(now)
             .fetch_all(&self.pool)
@@ -659,7 +682,9 @@ impl Store {
             let id: String = r.get(0);
             let id = uuid_u128(&id)?;
             let subject: Subject = parse(&r.get::<String, _>(2))?;
-            ledger.restore_lease(id, &r.get::<String, _>(1), subject, r.get(3));
+            ledger
+                .restore_lease(id, &r.get::<String, _>(1), &subject, r.get(3))
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         }
         let rows = sqlx::query(
             "SELECT s.decision_id, s.at, s.cost, k.policy, k.rule, k.dims, k.vals FROM spend s JOIN spend_sinks k ON k.decision_id = s.decision_id ORDER BY s.decision_id",
@@ -670,8 +695,10 @@ impl Store {
         for r in &rows {
             let decision: String = r.get(0);
             if current.as_ref().is_some_and(|c| c.0 != decision) {
-                let (_, at, cost, sinks) = current.take().expect("checked");
-                ledger.restore_spend(&sinks, at, Micros(cost));
+                let (d, at, cost, sinks) = current.take().expect("checked");
+                ledger
+                    .restore_spend(uuid_u128(&d)?, &sinks, at, Micros(cost))
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
             }
             let entry =
                 current.get_or_insert_with(|| (decision.clone(), r.get(1), r.get(2), Vec::new()));
@@ -689,16 +716,17 @@ impl Store {
                 values: parse(&r.get::<String, _>(6))?,
             });
         }
-        if let Some((_, at, cost, sinks)) = current {
-            ledger.restore_spend(&sinks, at, Micros(cost));
+        if let Some((d, at, cost, sinks)) = current {
+            ledger
+                .restore_spend(uuid_u128(&d)?, &sinks, at, Micros(cost))
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         }
         tracing::info!(
-            version = latest.version,
             leases = leases.len(),
             spend_rows = rows.len(),
-            "restored state from the store"
+            "replayed leases and spend into the ledger"
         );
-        Ok(Some(latest.version))
+        Ok(())
     }
 }
 

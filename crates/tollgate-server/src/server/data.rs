@@ -153,16 +153,17 @@ pub async fn record(
     let now = s.clock.now_ms();
     let ledger = match &s.counters {
         Counters::Memory(l) => l,
-        Counters::Redis(_) => {
+        Counters::Redis(redis) => {
             // Redis counts the cost (idempotently) in its own script; the store keeps
-            // the durable row and answers duplicates across restarts.
-            let outcome = s
-                .blocking(|| s.engine.record(&body.decision_id, body.cost_usd))
+            // the durable row, with what it counted toward, to answer duplicates across
+            // restarts and to rebuild Redis after a loss.
+            let (outcome, at, sinks) = s
+                .blocking(|| redis.record_counted(id.as_u128(), body.cost_usd))
                 .map_err(|e| ApiError::unavailable(e.to_string()))?;
             let duplicate = match outcome {
                 RecordOutcome::Recorded => {
                     s.store
-                        .record_spend(&body.decision_id, now, body.cost_usd, now, Vec::new())
+                        .record_spend(&body.decision_id, at, body.cost_usd, now, sinks)
                         .await?;
                     false
                 }

@@ -189,9 +189,18 @@ async fn serve(options: ServeOptions) -> Result<(), String> {
         .ledger(engine_ledger)
         .build(empty);
     let restored = store
-        .restore(&engine, &ledger, clock.now_ms())
+        .restore_engine(&engine)
         .await
         .map_err(|e| e.to_string())?;
+    match &counters {
+        Counters::Memory(memory) => store
+            .replay_counters(memory.as_ref(), clock.now_ms())
+            .await
+            .map_err(|e| e.to_string())?,
+        Counters::Redis(redis) => rebuild_redis_if_lost(&store, redis, clock.now_ms())
+            .await
+            .map_err(|e| format!("rebuilding Redis from the store: {e}"))?,
+    }
     seed(
         &store,
         &engine,
@@ -216,6 +225,21 @@ async fn serve(options: ServeOptions) -> Result<(), String> {
         let state = Arc::clone(&state);
         tokio::spawn(async move { state.store.follow(&state.engine).await })
     };
+    let watcher = match &state.counters {
+        Counters::Redis(redis) => {
+            let (store, redis, clock) =
+                (store.clone(), Arc::clone(redis), Arc::clone(&state.clock));
+            Some(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    if let Err(e) = rebuild_redis_if_lost(&store, &redis, clock.now_ms()).await {
+                        tracing::warn!(error = %e, "cannot rebuild Redis from the store yet");
+                    }
+                }
+            }))
+        }
+        Counters::Memory(_) => None,
+    };
     let app = router(state, options.max_body_bytes);
     let listener = tokio::net::TcpListener::bind(options.listen)
         .await
@@ -230,8 +254,29 @@ async fn serve(options: ServeOptions) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     // In-flight requests have finished; every acknowledged write is committed already.
     follower.abort();
+    if let Some(w) = watcher {
+        w.abort();
+    }
     store.close().await;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// When Redis has lost this deployment's data (its `alive` marker is gone: a restart
+/// without persistence, a flush), one instance replays live leases and recorded spend
+/// from the store into it. Rate buckets start full; in-flight reservations are gone.
+async fn rebuild_redis_if_lost(store: &Store, redis: &RedisLedger, now: i64) -> Result<(), String> {
+    let lost = !tokio::task::block_in_place(|| redis.is_alive()).map_err(|e| e.to_string())?;
+    if lost
+        && tokio::task::block_in_place(|| redis.try_lock_rebuild()).map_err(|e| e.to_string())?
+    {
+        tracing::warn!("Redis holds no tollgate data: rebuilding leases and spend from the store");
+        store
+            .replay_counters(redis, now)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::task::block_in_place(|| redis.mark_alive()).map_err(|e| e.to_string())?;
+    }
     Ok(())
 }
 

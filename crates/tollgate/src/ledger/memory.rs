@@ -16,7 +16,7 @@ use smallvec::SmallVec;
 
 use super::{
     Algorithm, Apply, CounterKey, Ledger, LedgerError, Op, OpKind, OpResult, Plan, RecordOutcome,
-    SpendUsage,
+    Restore, SpendUsage,
 };
 use crate::money::Micros;
 use crate::request::{Dimension, Subject};
@@ -398,13 +398,6 @@ impl MemoryLedger {
         self.add_spend(&sinks, Some(pending.decision), pending.at, cost);
     }
 
-    /// Restores recorded spend from a durable store (at start-up).
-    pub fn restore_spend(&self, sinks: &[SpendSink], at: i64, cost: Micros) {
-        let sinks: Vec<(u128, Arc<Label>)> =
-            sinks.iter().map(|s| (sink_id(s), sink_label(s))).collect();
-        self.add_spend(&sinks, None, at, cost);
-    }
-
     fn add_spend(
         &self,
         sinks: &[(u128, Arc<Label>)],
@@ -431,26 +424,6 @@ impl MemoryLedger {
                 }
             }
         }
-    }
-
-    /// Restores a live lease from a durable store (at start-up); quota counters seed
-    /// themselves from it when first used.
-    pub fn restore_lease(
-        &self,
-        id: u128,
-        resource: &str,
-        subject: Subject,
-        expires_at: Option<i64>,
-    ) {
-        self.leases.lock().insert(
-            id,
-            Lease {
-                resource: resource.to_string(),
-                subject,
-                expires_at,
-                keys: Vec::new(),
-            },
-        );
     }
 
     fn lock_shards(&self, ids: impl Iterator<Item = u128>) -> Guards<'_> {
@@ -733,6 +706,41 @@ fn evaluate(counter: &mut Counter, op: &Op<'_>, now: i64) -> (OpResult, Effect) 
             )
         }
         _ => unreachable!("state_fits checked the state"),
+    }
+}
+
+/// Restores once, at start-up (a fresh in-memory ledger has nothing to double count).
+impl Restore for MemoryLedger {
+    fn restore_spend(
+        &self,
+        _decision: u128,
+        sinks: &[SpendSink],
+        at: i64,
+        cost: Micros,
+    ) -> Result<(), LedgerError> {
+        let sinks: Vec<(u128, Arc<Label>)> =
+            sinks.iter().map(|s| (sink_id(s), sink_label(s))).collect();
+        self.add_spend(&sinks, None, at, cost);
+        Ok(())
+    }
+
+    fn restore_lease(
+        &self,
+        id: u128,
+        resource: &str,
+        subject: &Subject,
+        expires_at: Option<i64>,
+    ) -> Result<(), LedgerError> {
+        self.leases.lock().insert(
+            id,
+            Lease {
+                resource: resource.to_string(),
+                subject: subject.clone(),
+                expires_at,
+                keys: Vec::new(),
+            },
+        );
+        Ok(())
     }
 }
 

@@ -225,6 +225,29 @@ pub struct SpendUsage {
 #[error("ledger backend error: {0}")]
 pub struct LedgerError(pub String);
 
+/// A ledger that takes back the durable part of its state — live leases and recorded
+/// spend — from a store (at start-up, or after the ledger lost its data).
+pub trait Restore {
+    /// Counts a recorded cost again, at the time of its check. Restoring the same
+    /// decision twice must count it once (backends that keep state across restores).
+    fn restore_spend(
+        &self,
+        decision: u128,
+        sinks: &[SpendSink],
+        at: i64,
+        cost: Micros,
+    ) -> Result<(), LedgerError>;
+
+    /// Holds a live lease again; quota counters seed themselves from it.
+    fn restore_lease(
+        &self,
+        id: u128,
+        resource: &str,
+        subject: &Subject,
+        expires_at: Option<i64>,
+    ) -> Result<(), LedgerError>;
+}
+
 /// The state side of tollgate.
 pub trait Ledger: Send + Sync {
     /// Answers every operation of the plan; commits all of them or none (see [`Apply`]).
