@@ -309,14 +309,7 @@ impl Ledger for RedisLedger {
         cost: Micros,
         _now: i64,
     ) -> Result<RecordOutcome, LedgerError> {
-        let k = self.decision(decision);
-        let d = format!("{decision:032x}");
-        let outcome: String = self.with(|c| self.record.key(&k).arg(cost.0).arg(&d).invoke(c))?;
-        Ok(match outcome.as_str() {
-            "recorded" => RecordOutcome::Recorded,
-            "duplicate" => RecordOutcome::Duplicate,
-            _ => RecordOutcome::UnknownDecision,
-        })
+        Ok(self.record_counted(decision, cost)?.0)
     }
 
     fn release(&self, lease: u128, now: i64) -> Result<bool, LedgerError> {
