@@ -332,18 +332,7 @@ impl Ledger for RedisLedger {
         now: i64,
         window_of: &dyn Fn(&str, &str) -> Option<i64>,
     ) -> Result<Vec<SpendUsage>, LedgerError> {
-        let pattern = format!("{}:c:*:m", self.prefix);
-        let metas: Vec<String> = self.with(|c| {
-            let iter: redis::Iter<'_, String> = redis::cmd("SCAN")
-                .cursor_arg(0)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .clone()
-                .iter(c)?;
-            iter.collect::<redis::RedisResult<Vec<String>>>()
-        })?;
+        let metas = self.keys(&format!("{}:c:*:m", self.prefix))?;
         let mut out = Vec::new();
         for meta in metas {
             let text: Option<String> =
@@ -475,20 +464,24 @@ impl RedisLedger {
         .map(|r| r.is_some())
     }
 
-    /// Deletes every key under this ledger's prefix (tests, or starting over).
-    pub fn delete_all(&self) -> Result<u64, LedgerError> {
-        let pattern = format!("{}:*", self.prefix);
-        let keys: Vec<String> = self.with(|c| {
+    /// Every key matching `pattern` (SCAN, never KEYS).
+    fn keys(&self, pattern: &str) -> Result<Vec<String>, LedgerError> {
+        self.with(|c| {
             let iter: redis::Iter<'_, String> = redis::cmd("SCAN")
                 .cursor_arg(0)
                 .arg("MATCH")
-                .arg(&pattern)
+                .arg(pattern)
                 .arg("COUNT")
                 .arg(1000)
                 .clone()
                 .iter(c)?;
             iter.collect::<redis::RedisResult<Vec<String>>>()
-        })?;
+        })
+    }
+
+    /// Deletes every key under this ledger's prefix (tests, or starting over).
+    pub fn delete_all(&self) -> Result<u64, LedgerError> {
+        let keys = self.keys(&format!("{}:*", self.prefix))?;
         let mut deleted = 0;
         for chunk in keys.chunks(500) {
             deleted += self.with(|c| redis::cmd("DEL").arg(chunk).query::<u64>(c))?;

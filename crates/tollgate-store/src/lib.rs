@@ -440,6 +440,26 @@ impl Store {
         .transpose()
     }
 
+    /// The policy set a run was created on, compiled.
+    async fn run_policy(
+        &self,
+        engine: &Engine,
+        info: &RunInfo,
+    ) -> Result<tollgate::PolicySet, StoreError> {
+        let source = self
+            .policy_version(info.policy_version)
+            .await?
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "run `{}` names missing policy version {}",
+                    info.id, info.policy_version
+                ))
+            })?;
+        engine
+            .compile(&source.source)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
     /// Restores a run (and, first, its missing ancestors) from the store into the engine.
     pub async fn restore_run(&self, engine: &Engine, id: &str) -> Result<bool, StoreError> {
         let mut chain = Vec::new();
@@ -455,18 +475,7 @@ impl Store {
             chain.push((spec, info));
         }
         for (spec, info) in chain.into_iter().rev() {
-            let source = self
-                .policy_version(info.policy_version)
-                .await?
-                .ok_or_else(|| {
-                    StoreError::Corrupt(format!(
-                        "run `{}` names missing policy version {}",
-                        info.id, info.policy_version
-                    ))
-                })?;
-            let set = engine
-                .compile(&source.source)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let set = self.run_policy(engine, &info).await?;
             // Another request may have restored it meanwhile: that is fine.
             let _ = engine.restore_run(&spec, info, set);
         }
@@ -644,18 +653,7 @@ impl Store {
             }
         }
         for (spec, info) in self.runs().await? {
-            let source = self
-                .policy_version(info.policy_version)
-                .await?
-                .ok_or_else(|| {
-                    StoreError::Corrupt(format!(
-                        "run `{}` names missing policy version {}",
-                        info.id, info.policy_version
-                    ))
-                })?;
-            let set = engine
-                .compile(&source.source)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let set = self.run_policy(engine, &info).await?;
             engine
                 .restore_run(&spec, info, set)
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
