@@ -10,6 +10,11 @@ use clap::{Parser, Subcommand};
 mod cli;
 mod server;
 
+// A decision allocates a few dozen small objects on whichever worker thread serves it;
+// mimalloc's per-thread heaps keep that cheap under concurrency.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tollgate",
