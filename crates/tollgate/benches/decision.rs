@@ -11,6 +11,10 @@ use dashmap::DashMap;
 use std::hint::black_box;
 use tollgate::{Engine, ManualClock, Micros, Request};
 
+// The same allocator as the `tollgate` server binary, so the figures match what it serves.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const USERS: usize = 100_000;
 const STATEFUL: u32 = 4;
 
