@@ -206,11 +206,17 @@ if plan.commit and not blocked then
       end
       -- A windowed counter lapses once nothing in it can count any more (a late record
       -- within twice the reservation TTL included); a `total` one never does.
+      -- The lifetimes are refreshed when a tenth of them has passed (one PTTL call per
+      -- operation otherwise); a reservation or event key created meanwhile gets one at
+      -- once.
       local window = op.wms or op.lookback
       if window ~= nil then
         local life = window + 2 * math.max(plan.ttl, 60000) + 1000
-        for _, part in ipairs({':m', ':ev', ':am', ':rv', ':rat', ':ra'}) do
-          redis.call('PEXPIRE', key .. part, life)
+        local left = redis.call('PTTL', key .. ':m')
+        if left < life - life / 10 or (op.t == 'sp' and op.amount > 0 and redis.call('PTTL', key .. ':rv') < 0) then
+          for _, part in ipairs({':m', ':ev', ':am', ':rv', ':rat', ':ra'}) do
+            redis.call('PEXPIRE', key .. part, life)
+          end
         end
       end
       table.insert(sinks, key)
