@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{ADMIN, Server, client};
+use common::{ADMIN, Server, client, json_of, status_of};
 use serde_json::{Value, json};
 
 const POLICY: &str = r#"
@@ -17,8 +17,7 @@ policies:
 "#;
 
 async fn post(c: &reqwest::Client, url: String, body: Value) -> (u16, Value) {
-    let r = c.post(url).json(&body).send().await.unwrap();
-    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    json_of(c.post(url).json(&body).send().await.unwrap()).await
 }
 
 #[tokio::test]
@@ -33,13 +32,7 @@ async fn state_survives_sigkill() {
 
     let edited = format!("{POLICY}      - {{id: rpm, type: rate, limit: 100, per: 1m}}\n");
     assert_eq!(
-        admin(c.put(server.url("/v1/admin/policy")))
-            .body(edited)
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
+        status_of(admin(c.put(server.url("/v1/admin/policy"))).body(edited)).await,
         200
     );
     let r = admin(c.put(server.url("/v1/admin/settings/batch?scope=user:u1")))
@@ -193,12 +186,7 @@ async fn state_survives_sigkill() {
     assert_eq!(status, 429);
     let id = lease["lease_id"].as_str().unwrap();
     assert_eq!(
-        c.delete(server.url(&format!("/v1/leases/{id}")))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
+        status_of(c.delete(server.url(&format!("/v1/leases/{id}")))).await,
         204
     );
     let (status, _) = post(
@@ -249,15 +237,7 @@ async fn an_invalid_config_file_refuses_to_start() {
 async fn sigterm_stops_cleanly_after_in_flight_requests() {
     let mut server = Server::start(None, &[]);
     let c = client();
-    assert_eq!(
-        c.get(server.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
-        200
-    );
+    assert_eq!(status_of(c.get(server.url("/healthz"))).await, 200);
     let pid = server.child.id().to_string();
     assert!(
         std::process::Command::new("kill")

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{ADMIN, Server, client};
+use common::{ADMIN, Server, client, json_of, status_of};
 use serde_json::{Value, json};
 
 const POLICY: &str = r#"
@@ -17,11 +17,6 @@ policies:
       - {id: monthly, type: budget, limit_usd: 1, period: month, by: [user]}
       - {id: slots, type: quota, resource: gpu, max: 1, by: [user]}
 "#;
-
-async fn json_of(r: reqwest::Response) -> (u16, Value) {
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
 
 #[tokio::test]
 async fn decisions_records_leases_runs_and_errors() {
@@ -168,21 +163,11 @@ async fn decisions_records_leases_runs_and_errors() {
     let (status, d) = json_of(lease("u2").await.unwrap()).await;
     assert_eq!((status, d["code"].as_str()), (429, Some("QUOTA_EXCEEDED")));
     assert_eq!(
-        c.delete(server.url(&format!("/v1/leases/{lease_id}")))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
+        status_of(c.delete(server.url(&format!("/v1/leases/{lease_id}")))).await,
         204
     );
     assert_eq!(
-        c.delete(server.url(&format!("/v1/leases/{lease_id}")))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
+        status_of(c.delete(server.url(&format!("/v1/leases/{lease_id}")))).await,
         404
     );
     assert_eq!(lease("u2").await.unwrap().status().as_u16(), 201);
@@ -212,36 +197,20 @@ async fn decisions_records_leases_runs_and_errors() {
     );
     assert_eq!(run["budget_usd"], "0.500000");
     assert_eq!(
-        c.post(server.url("/v1/runs"))
-            .json(&json!({"id": "r1"}))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
+        status_of(c.post(server.url("/v1/runs")).json(&json!({"id": "r1"}))).await,
         409
     );
     assert_eq!(
-        c.post(server.url("/v1/runs"))
-            .json(&json!({"id": "r2", "parent": "ghost"}))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
+        status_of(
+            c.post(server.url("/v1/runs"))
+                .json(&json!({"id": "r2", "parent": "ghost"}))
+        )
+        .await,
         422
     );
     let (status, got) = json_of(c.get(server.url("/v1/runs/r1")).send().await.unwrap()).await;
     assert_eq!((status, got["id"].as_str()), (200, Some("r1")));
-    assert_eq!(
-        c.get(server.url("/v1/runs/zz"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
-        404
-    );
+    assert_eq!(status_of(c.get(server.url("/v1/runs/zz"))).await, 404);
     let (status, d) = json_of(
         check(json!({"subject": {"user": "u6", "run": "r1"}, "estimate": {"cost_usd": "0.6"}}))
             .await
@@ -282,24 +251,8 @@ async fn decisions_records_leases_runs_and_errors() {
     assert_eq!(status, 404);
 
     // operations
-    assert_eq!(
-        c.get(server.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
-        200
-    );
-    assert_eq!(
-        c.get(server.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
-        200
-    );
+    assert_eq!(status_of(c.get(server.url("/healthz"))).await, 200);
+    assert_eq!(status_of(c.get(server.url("/readyz"))).await, 200);
     let metrics = c
         .get(server.url("/metrics"))
         .send()
@@ -344,15 +297,7 @@ async fn decisions_records_leases_runs_and_errors() {
     ] {
         assert!(api["paths"].get(path).is_some(), "openapi lacks {path}");
     }
-    assert_eq!(
-        c.get(server.url("/v2/nothing"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
-        404
-    );
+    assert_eq!(status_of(c.get(server.url("/v2/nothing"))).await, 404);
 }
 
 #[tokio::test]
@@ -387,33 +332,21 @@ async fn api_and_admin_keys() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(status_of(c.get(server.url("/v1/admin/policy"))).await, 401);
     assert_eq!(
-        c.get(server.url("/v1/admin/policy"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
+        status_of(
+            c.get(server.url("/v1/admin/policy"))
+                .header("X-Admin-Key", "nope")
+        )
+        .await,
         401
     );
     assert_eq!(
-        c.get(server.url("/v1/admin/policy"))
-            .header("X-Admin-Key", "nope")
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
-        401
-    );
-    assert_eq!(
-        c.get(server.url("/v1/admin/policy"))
-            .header("X-Admin-Key", ADMIN)
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
+        status_of(
+            c.get(server.url("/v1/admin/policy"))
+                .header("X-Admin-Key", ADMIN)
+        )
+        .await,
         200
     );
 
@@ -533,12 +466,7 @@ async fn control_plane_versions_settings_and_audit() {
         (200, Some("base"))
     );
     assert_eq!(
-        admin(c.get(server.url("/v1/admin/policy/versions/99")))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
+        status_of(admin(c.get(server.url("/v1/admin/policy/versions/99")))).await,
         404
     );
     let (status, r) = json_of(
@@ -662,13 +590,11 @@ async fn product_admission_convention() {
             .send()
     };
     assert_eq!(
-        c.put(server.url("/v1/products/acme/policy"))
-            .json(&json!({}))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
+        status_of(
+            c.put(server.url("/v1/products/acme/policy"))
+                .json(&json!({}))
+        )
+        .await,
         401
     );
     let (status, r) = json_of(
@@ -702,12 +628,7 @@ async fn product_admission_convention() {
     );
     let lease = first["lease_id"].as_str().unwrap();
     assert_eq!(
-        c.delete(server.url(&format!("/v1/products/acme/provision/{lease}")))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
+        status_of(c.delete(server.url(&format!("/v1/products/acme/provision/{lease}")))).await,
         204
     );
     assert_eq!(provision("acme").await.unwrap().status().as_u16(), 201);

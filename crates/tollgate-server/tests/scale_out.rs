@@ -7,7 +7,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{ADMIN, Server, client, unique};
+use common::{ADMIN, Server, client, status_of, unique};
 use serde_json::{Value, json};
 use sqlx::Executor;
 
@@ -199,15 +199,7 @@ async fn two_instances_share_exact_limits_and_fail_closed_without_redis() {
             .contains("ledger backend error"),
         "{d}"
     );
-    assert_eq!(
-        c.get(a.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
-        503
-    );
+    assert_eq!(status_of(c.get(a.url("/readyz"))).await, 503);
     redis = PrivateRedis::start(port);
     let t = Instant::now();
     loop {
@@ -226,15 +218,7 @@ async fn two_instances_share_exact_limits_and_fail_closed_without_redis() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(
-        c.get(b.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
-        200
-    );
+    assert_eq!(status_of(c.get(b.url("/readyz"))).await, 200);
     // the empty Redis is rebuilt from the store: the budget continues where it was
     let t = Instant::now();
     loop {

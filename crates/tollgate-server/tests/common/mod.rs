@@ -105,3 +105,17 @@ pub fn unique() -> u64 {
 pub fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
+
+/// Sends a request; its status.
+pub async fn status_of(request: reqwest::RequestBuilder) -> u16 {
+    request.send().await.unwrap().status().as_u16()
+}
+
+/// A response's status and JSON body (null when there is none).
+pub async fn json_of(response: reqwest::Response) -> (u16, serde_json::Value) {
+    let status = response.status().as_u16();
+    (
+        status,
+        response.json().await.unwrap_or(serde_json::Value::Null),
+    )
+}
