@@ -10,8 +10,8 @@
 //! Both backends go through one `sqlx` `Any` pool; the SQL is written once with `?`
 //! placeholders (rewritten to `$n` for PostgreSQL); only the migrations differ.
 //!
-//! Hot counters (rate buckets, reservations) stay in the in-memory ledger; at start-up
-//! [`Store::restore`] replays the durable state into a fresh engine and ledger.
+//! Hot counters (rate buckets, reservations) stay in the ledger; at start-up
+//! [`Store::restore_engine`] and [`Store::replay_counters`] bring back the durable state.
 #![warn(missing_docs)]
 
 use std::path::Path;
@@ -618,22 +618,6 @@ impl Store {
     }
 
     // ---- restore -----------------------------------------------------------------------
-
-    /// Replays the durable state into a fresh engine and its ledger: the newest policy
-    /// version, settings overrides, runs (on their own versions), live leases and every
-    /// recorded spend. Returns the restored policy version, if any.
-    pub async fn restore(
-        &self,
-        engine: &Engine,
-        ledger: &(dyn Restore + Sync),
-        now: i64,
-    ) -> Result<Option<u64>, StoreError> {
-        let version = self.restore_engine(engine).await?;
-        if version.is_some() {
-            self.replay_counters(ledger, now).await?;
-        }
-        Ok(version)
-    }
 
     /// The newest policy version, the overrides and the runs, into a fresh engine.
     pub async fn restore_engine(&self, engine: &Engine) -> Result<Option<u64>, StoreError> {

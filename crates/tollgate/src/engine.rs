@@ -13,7 +13,7 @@ use serde_json::Value as Json;
 use crate::clock::{Clock, SystemClock};
 use crate::decision::{Code, Decision};
 use crate::duration::Millis;
-use crate::eval::{self, CheckOptions, Inputs};
+use crate::eval::{self, CheckOptions, DecisionSettings, Inputs};
 use crate::ledger::{Ledger, LedgerError, MemoryLedger, RecordOutcome};
 use crate::money::Micros;
 use crate::policy::PolicySet;
@@ -22,7 +22,7 @@ use crate::request::{Request, Subject};
 use crate::rules::budget::{Budget, OnExceeded};
 use crate::rules::custom::Registry;
 use crate::rules::{CustomRule, Mode, Rule, RuleKind};
-use crate::settings::{self, EffectiveSetting, Overrides, Scope};
+use crate::settings::{EffectiveSetting, Overrides, Scope};
 
 /// What can go wrong outside a decision.
 #[derive(Debug, thiserror::Error)]
@@ -290,12 +290,15 @@ impl Engine {
             },
         };
         let current;
+        let overrides = self.overrides.read();
         let (set, settings): (&PolicySet, _) = match &run {
-            Some(run) => (&run.policy, run.info.settings.clone()),
+            Some(run) => (
+                &run.policy,
+                DecisionSettings::Frozen(run.info.settings.clone()),
+            ),
             None => {
                 current = self.policy.load();
-                let settings = self.non_default_settings(&current, request);
-                (&current, settings)
+                (&current, DecisionSettings::Live(&overrides))
             }
         };
         let mut run_rules = Vec::new();
@@ -357,28 +360,8 @@ impl Engine {
         if set.settings.is_empty() {
             return BTreeMap::new();
         }
-        let matched = set.matcher.matched(request);
-        let order = set.evaluation_order(&matched);
-        let layers = order.iter().map(|&p| {
-            let p = &set.policies[p as usize];
-            (p.name.as_str(), p.settings.as_slice())
-        });
-        settings::resolve(
-            &set.settings,
-            layers,
-            &self.overrides.read(),
-            &request.subject,
-        )
-    }
-
-    fn non_default_settings(
-        &self,
-        set: &PolicySet,
-        request: &Request,
-    ) -> BTreeMap<String, EffectiveSetting> {
-        let mut all = self.resolve_settings(set, request);
-        all.retain(|_, s| s.source != "default");
-        all
+        let order = set.evaluation_order(&set.matcher.matched(request));
+        set.resolve_settings(&order, &self.overrides.read(), &request.subject)
     }
 
     /// Every effective setting for a subject, each with its source; a subject naming a

@@ -10,7 +10,7 @@ use crate::money::Micros;
 use crate::policy::PolicySet;
 use crate::request::{Dimension, Request};
 use crate::rules::{Mode, Rule, Step, Verdict};
-use crate::settings::EffectiveSetting;
+use crate::settings::{EffectiveSetting, Overrides};
 
 /// What a rule sees while it is evaluated.
 pub(crate) struct EvalCtx<'r> {
@@ -109,6 +109,15 @@ struct Entry<'r> {
     op: Option<usize>,
 }
 
+/// The source of a decision's `settings`.
+pub(crate) enum DecisionSettings<'r> {
+    /// A run's snapshot, frozen at its creation.
+    Frozen(BTreeMap<String, EffectiveSetting>),
+    /// Resolved now from the policies that apply and these overrides; only the values
+    /// that do not come from the default layer are reported.
+    Live(&'r Overrides),
+}
+
 /// Everything a decision needs besides the policy set.
 pub(crate) struct Inputs<'r> {
     pub ledger: &'r dyn Ledger,
@@ -117,8 +126,8 @@ pub(crate) struct Inputs<'r> {
     pub lease_id: u128,
     /// Budget rules of the request's run and its ancestors (after all policy rules).
     pub run_rules: Vec<&'r Rule>,
-    /// The decision's `settings` (resolved by the caller, who holds the overrides).
-    pub settings: BTreeMap<String, EffectiveSetting>,
+    /// Where the decision's `settings` come from.
+    pub settings: DecisionSettings<'r>,
 }
 
 pub(crate) fn decide(
@@ -161,6 +170,14 @@ pub(crate) fn decide(
         }
     }
     let order = set.evaluation_order(&matched);
+    let settings = match inputs.settings {
+        DecisionSettings::Frozen(frozen) => frozen,
+        DecisionSettings::Live(overrides) => {
+            let mut all = set.resolve_settings(&order, overrides, &request.subject);
+            all.retain(|_, s| s.source != "default");
+            all
+        }
+    };
     let guardrails: Vec<String> = set
         .guardrails(&matched)
         .into_iter()
@@ -319,7 +336,7 @@ pub(crate) fn decide(
         matched_policies: names(set, &matched),
         model: final_walk_model,
         guardrails,
-        settings: inputs.settings,
+        settings,
         alerts: Vec::new(),
         retry_after_ms: None,
         decision_id: id_text(inputs.decision_id),

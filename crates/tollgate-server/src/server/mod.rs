@@ -170,14 +170,11 @@ async fn serve(options: ServeOptions) -> Result<(), String> {
     }
 
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    // With Redis, restored leases and spend stay in Redis: the in-memory ledger only
-    // receives them during restore and is then unused.
-    let ledger = Arc::new(MemoryLedger::new());
     let counters = match &options.redis {
         Some(url) => Counters::Redis(Arc::new(
             RedisLedger::connect(url, "tollgate", 16).map_err(|e| format!("--redis {url}: {e}"))?,
         )),
-        None => Counters::Memory(ledger.clone()),
+        None => Counters::Memory(Arc::new(MemoryLedger::new())),
     };
     let engine_ledger: Arc<dyn tollgate::Ledger> = match &counters {
         Counters::Memory(l) => l.clone(),

@@ -187,6 +187,24 @@ impl PolicySet {
             .is_some_and(|p| p.allow_on_backend_error)
     }
 
+    /// Every defined setting for a subject, given the policies that apply (evaluation
+    /// order) and the overrides.
+    pub(crate) fn resolve_settings(
+        &self,
+        order: &[u32],
+        overrides: &crate::settings::Overrides,
+        subject: &crate::request::Subject,
+    ) -> BTreeMap<String, crate::settings::EffectiveSetting> {
+        if self.settings.is_empty() {
+            return BTreeMap::new();
+        }
+        let layers = order.iter().map(|&p| {
+            let p = &self.policies[p as usize];
+            (p.name.as_str(), p.settings.as_slice())
+        });
+        crate::settings::resolve(&self.settings, layers, overrides, subject)
+    }
+
     /// Finds a rule by policy name and id.
     pub(crate) fn rule(&self, policy: &str, id: &str) -> Option<&Rule> {
         self.policies
