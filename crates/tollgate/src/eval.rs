@@ -85,6 +85,9 @@ impl<'r> EvalCtx<'r> {
 
     /// Evaluates an expression, binding on first use only the variables it reads.
     pub(crate) fn eval(&mut self, e: &Expr) -> Result<bool, String> {
+        if let Some(b) = e.eval_direct(self.request, self.model) {
+            return Ok(b);
+        }
         let ctx = self.cel.get_or_insert_with(expr::empty_context);
         let missing = e.vars & !self.cel_bound;
         if missing != 0 {

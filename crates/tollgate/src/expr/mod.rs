@@ -14,6 +14,8 @@ use cel::{Context, Env, Program, Value};
 
 use crate::request::Request;
 
+mod direct;
+
 static ENV: LazyLock<Arc<Env>> = LazyLock::new(|| Arc::new(Env::stdlib()));
 
 /// The variables an expression may use.
@@ -25,6 +27,8 @@ pub(crate) const VARIABLES: [&str; 6] = [
 pub(crate) struct Expr {
     pub source: String,
     program: Program,
+    /// The same expression compiled for direct evaluation, when its shape allows.
+    direct: Option<direct::Direct>,
     /// The request variables it uses (bit `i` = `VARIABLES[i]`): only those are bound.
     pub vars: u8,
 }
@@ -57,6 +61,7 @@ impl Expr {
             .fold(0u8, |acc, (i, _)| acc | (1 << i));
         Ok(Expr {
             source: source.to_string(),
+            direct: direct::Direct::compile(program.expression()),
             program,
             vars,
         })
@@ -73,6 +78,12 @@ impl Expr {
             .collect();
         unknown.sort();
         unknown
+    }
+
+    /// Evaluates directly over the request when the expression's shape allows and no
+    /// error occurs; `None` means the interpreter must decide (see [`direct`]).
+    pub(crate) fn eval_direct(&self, request: &Request, model: Option<&str>) -> Option<bool> {
+        self.direct.as_ref()?.eval(request, model).ok()
     }
 
     /// Evaluates to a boolean; an evaluation error or a non-boolean result is an `Err`
