@@ -5,6 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::money::Micros;
 use crate::settings::EffectiveSetting;
 
 /// The outcome code (and, through [`Code::http_status`], the HTTP status).
@@ -81,8 +82,8 @@ pub struct Alert {
 pub enum Remaining {
     /// Requests (rate rules) or slots (quotas).
     Count(i64),
-    /// Money, as a decimal string (budgets, cost velocity).
-    Usd(String),
+    /// Money (budgets, cost velocity); a decimal string in JSON.
+    Usd(Micros),
 }
 
 /// One step of an explained decision.

@@ -1,6 +1,7 @@
 //! The engine: a policy set behind an atomic pointer, a clock, a ledger, settings
 //! overrides and runs. Every public operation of the library goes through here.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -164,12 +165,29 @@ impl EngineBuilder {
             clock: self.clock,
             ledger: self.ledger,
             custom: self.custom,
-            overrides: RwLock::new(Overrides::default()),
+            overrides: ArcSwap::from_pointee(Overrides::default()),
+            overrides_writer: Mutex::new(()),
             runs: RwLock::new(HashMap::new()),
-            ids: AtomicU64::new(0),
             salt: uuid::Uuid::new_v4().as_u128(),
         }
     }
+}
+
+/// A number never returned before in this process. Each thread takes blocks of them
+/// from one shared counter, so a decision touches no shared cache line for its id.
+fn sequence() -> u64 {
+    const BLOCK: u64 = 1 << 20;
+    static NEXT_BLOCK: AtomicU64 = AtomicU64::new(0);
+    thread_local!(static RANGE: Cell<(u64, u64)> = const { Cell::new((0, 0)) });
+    RANGE.with(|range| {
+        let (mut next, mut end) = range.get();
+        if next == end {
+            next = NEXT_BLOCK.fetch_add(BLOCK, Ordering::Relaxed);
+            end = next + BLOCK;
+        }
+        range.set((next + 1, end));
+        next
+    })
 }
 
 /// The decision point.
@@ -179,9 +197,10 @@ pub struct Engine {
     clock: Arc<dyn Clock>,
     ledger: Arc<dyn Ledger>,
     custom: Registry,
-    overrides: RwLock<Overrides>,
+    /// Read on every decision without a lock; changed by copy under `overrides_writer`.
+    overrides: ArcSwap<Overrides>,
+    overrides_writer: Mutex<()>,
     runs: RwLock<HashMap<String, Arc<Run>>>,
-    ids: AtomicU64,
     salt: u128,
 }
 
@@ -242,7 +261,7 @@ impl Engine {
         // UUIDv7 layout: the clock's milliseconds, then this engine's random salt XOR a
         // counter. XOR with a constant is a bijection, so ids never repeat within an
         // engine, and the 74 random bits keep engines apart. No syscall per decision.
-        let seq = u128::from(self.ids.fetch_add(1, Ordering::Relaxed));
+        let seq = u128::from(sequence());
         let ts = (now.max(0) as u128) & ((1 << 48) - 1);
         let rand = (self.salt ^ seq) & ((1 << 74) - 1);
         let (rand_a, rand_b) = (rand >> 62, rand & ((1 << 62) - 1));
@@ -290,7 +309,7 @@ impl Engine {
             },
         };
         let current;
-        let overrides = self.overrides.read();
+        let overrides = self.overrides.load();
         let (set, settings): (&PolicySet, _) = match &run {
             Some(run) => (
                 &run.policy,
@@ -361,7 +380,7 @@ impl Engine {
             return BTreeMap::new();
         }
         let order = set.evaluation_order(&set.matcher.matched(request));
-        set.resolve_settings(&order, &self.overrides.read(), &request.subject)
+        set.resolve_settings(&order, &self.overrides.load(), &request.subject)
     }
 
     /// Every effective setting for a subject, each with its source; a subject naming a
@@ -406,7 +425,7 @@ impl Engine {
     ) -> Result<Option<Json>, EngineError> {
         let value = self.check_setting(scope, key, &value)?;
         let scope = Scope::parse(scope).map_err(EngineError::InvalidSetting)?;
-        Ok(self.overrides.write().set(scope, key.to_string(), value))
+        Ok(self.change_overrides(|o| o.set(scope, key.to_string(), value)))
     }
 
     /// Replaces every override at once (an instance catching up with a shared store);
@@ -421,25 +440,35 @@ impl Engine {
                 fresh.set(s, key, v);
             }
         }
-        *self.overrides.write() = fresh;
+        let _writer = self.overrides_writer.lock();
+        self.overrides.store(Arc::new(fresh));
     }
 
     /// The override at exactly `scope`, if any.
     pub fn setting_override(&self, scope: &str, key: &str) -> Option<Json> {
         let scope = Scope::parse(scope).ok()?;
-        self.overrides.read().get(&scope, key).cloned()
+        self.overrides.load().get(&scope, key).cloned()
     }
 
     /// Removes an override; returns the removed value (`None`: there was none).
     pub fn remove_setting(&self, scope: &str, key: &str) -> Result<Option<Json>, EngineError> {
         let scope = Scope::parse(scope).map_err(EngineError::InvalidSetting)?;
-        Ok(self.overrides.write().remove(&scope, key))
+        Ok(self.change_overrides(|o| o.remove(&scope, key)))
+    }
+
+    /// Changes a copy of the overrides and publishes it; writers take turns.
+    fn change_overrides<T>(&self, change: impl FnOnce(&mut Overrides) -> T) -> T {
+        let _writer = self.overrides_writer.lock();
+        let mut copy = Overrides::clone(&self.overrides.load());
+        let out = change(&mut copy);
+        self.overrides.store(Arc::new(copy));
+        out
     }
 
     /// Every override, as (scope, key, value).
     pub fn overrides(&self) -> Vec<(String, String, Json)> {
         self.overrides
-            .read()
+            .load()
             .iter()
             .map(|(s, k, v)| (s.to_string(), k.clone(), v.clone()))
             .collect()
@@ -644,17 +673,19 @@ fn run_budget(spec: &RunSpec, id: &str) -> Result<Option<Rule>, EngineError> {
             "`on_exceeded` and `alert_at` need a `budget_usd`".into(),
         ));
     }
-    Ok(spec.budget_usd.map(|limit| Rule {
-        id: "budget".into(),
-        policy: format!("run:{id}"),
-        when: None,
-        mode: Mode::Enforce,
-        kind: RuleKind::Budget(Budget::for_run(
-            limit,
-            on_exceeded,
-            spec.downgrade_to.clone(),
-            spec.alert_at,
-        )),
+    Ok(spec.budget_usd.map(|limit| {
+        Rule::new(
+            "budget".into(),
+            format!("run:{id}"),
+            None,
+            Mode::Enforce,
+            RuleKind::Budget(Budget::for_run(
+                limit,
+                on_exceeded,
+                spec.downgrade_to.clone(),
+                spec.alert_at,
+            )),
+        )
     }))
 }
 

@@ -64,7 +64,7 @@ impl<'r> EvalCtx<'r> {
     /// The counter key of the current rule for these dimensions, or why the rule is skipped.
     pub(crate) fn key(&self, by: &'r [Dimension]) -> Result<CounterKey<'r>, String> {
         let rule = self.rule.expect("a rule is being evaluated");
-        let mut values = Vec::with_capacity(by.len());
+        let mut values = crate::ledger::KeyValues::new();
         for d in by {
             // A `model` dimension keys by the current (possibly downgraded) model.
             match d.value(self.request, self.model) {
@@ -72,7 +72,13 @@ impl<'r> EvalCtx<'r> {
                 None => return Err(format!("the request has no `{d}`")),
             }
         }
-        Ok(CounterKey::new(&rule.policy, &rule.id, by, values))
+        Ok(CounterKey::with_prefix(
+            &rule.key_prefix,
+            &rule.policy,
+            &rule.id,
+            by,
+            values,
+        ))
     }
 
     pub(crate) fn spend_used(
@@ -359,7 +365,7 @@ pub(crate) fn decide(
                 OpKind::Rate { .. } | OpKind::Lease { .. } => {
                     Some(Remaining::Count(result.remaining))
                 }
-                OpKind::Spend { .. } => Some(Remaining::Usd(Micros(result.remaining).to_decimal())),
+                OpKind::Spend { .. } => Some(Remaining::Usd(Micros(result.remaining))),
                 OpKind::Forecast { .. } => None,
             };
             if let Some(r) = remaining {

@@ -8,7 +8,12 @@
 
 use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 
+use smallvec::SmallVec;
+
 use crate::request::{Dimension, Request};
+
+/// Policy indices (matched, or in evaluation order): inline for the usual few.
+pub(crate) type Matched = SmallVec<[u32; 8]>;
 
 /// Compiles one pattern with tollgate's glob dialect.
 pub(crate) fn glob(pattern: &str) -> Result<Glob, globset::Error> {
@@ -152,12 +157,13 @@ impl Matcher {
     }
 
     /// Indices of the policies whose own `match` holds, in document order.
-    pub(crate) fn matched(&self, request: &Request) -> Vec<u32> {
+    pub(crate) fn matched(&self, request: &Request) -> Matched {
         let n = self.needed.len();
-        let mut count = vec![0u8; n];
+        // On the stack for up to 64 policies: this runs on every decision.
+        let mut count: SmallVec<[u8; 64]> = smallvec::smallvec![0u8; n];
         // The field that last counted each policy, so that two patterns of one key
         // matching the same value count once.
-        let mut seen_in = vec![u16::MAX; n];
+        let mut seen_in: SmallVec<[u16; 64]> = smallvec::smallvec![u16::MAX; n];
         let mut hits = Vec::new();
         for (fi, f) in self.fields.iter().enumerate() {
             let fi = fi as u16;
@@ -219,17 +225,18 @@ mod tests {
         ];
         let m = Matcher::new(&policies);
         assert_eq!(
-            m.matched(&team(Some("free-eu"), Some("gpt-4o"))),
+            m.matched(&team(Some("free-eu"), Some("gpt-4o"))).to_vec(),
             vec![0, 1, 2]
         );
         assert_eq!(
-            m.matched(&team(Some("free-eu"), Some("gpt-4-turbo"))),
+            m.matched(&team(Some("free-eu"), Some("gpt-4-turbo")))
+                .to_vec(),
             vec![0, 2]
         );
-        assert_eq!(m.matched(&team(None, Some("gpt-4o"))), vec![0, 2]);
-        assert_eq!(m.matched(&team(Some("aa"), None)), vec![0, 2, 3]);
+        assert_eq!(m.matched(&team(None, Some("gpt-4o"))).to_vec(), vec![0, 2]);
+        assert_eq!(m.matched(&team(Some("aa"), None)).to_vec(), vec![0, 2, 3]);
         assert_eq!(
-            m.matched(&team(Some("Free-eu"), Some("gpt-4o"))),
+            m.matched(&team(Some("Free-eu"), Some("gpt-4o"))).to_vec(),
             vec![0, 2]
         );
     }

@@ -104,7 +104,11 @@ impl Micros {
 impl Micros {
     /// `3.120000`, written without the formatting machinery (it runs on every decision).
     pub fn to_decimal(self) -> String {
-        let mut buf = [0u8; 28];
+        self.write_decimal(&mut [0u8; 28]).to_string()
+    }
+
+    /// Writes the decimal form at the end of `buf` and returns it.
+    fn write_decimal(self, buf: &mut [u8; 28]) -> &str {
         let mut i = buf.len();
         let abs = self.0.unsigned_abs();
         let (mut whole, mut frac) = (abs / Self::PER_USD as u64, abs % Self::PER_USD as u64);
@@ -127,15 +131,15 @@ impl Micros {
             i -= 1;
             buf[i] = b'-';
         }
-        // Only ASCII digits, '.', '-' were written.
-        String::from_utf8_lossy(&buf[i..]).into_owned()
+        // Only ASCII digits, '.', '-' were written: the check cannot fail.
+        std::str::from_utf8(&buf[i..]).unwrap_or_default()
     }
 }
 
 impl fmt::Display for Micros {
     /// Six decimal places: `3.120000`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_decimal())
+        f.write_str(self.write_decimal(&mut [0u8; 28]))
     }
 }
 

@@ -104,8 +104,9 @@ impl Spend {
     fn reserved_since(&mut self, window_start: i64, now: i64) -> i64 {
         // Expire from the front: O(1) amortised. A reservation made under a longer TTL
         // can hold back later ones for a while; that errs on the side of the limit.
+        // Recorded ones (zeroed) go as soon as they reach the front.
         while let Some(r) = self.reservations.front() {
-            if r.expires > now {
+            if r.expires > now && r.amount != 0 {
                 break;
             }
             self.reserved_sum -= r.amount;
@@ -217,7 +218,9 @@ impl Shard {
     }
 }
 
-type Sinks = SmallVec<[(u128, Arc<Label>); 4]>;
+/// The counters a decision's cost counts toward, by id: a record is kept per decision
+/// for up to twice the reservation TTL, so it stays small (labels live on the counters).
+type Sinks = SmallVec<[u128; 3]>;
 
 struct DecisionRecord {
     at: i64,
@@ -286,7 +289,7 @@ impl std::fmt::Debug for MemoryLedger {
 
 fn sink_id(s: &SpendSink) -> u128 {
     let values: Vec<&str> = s.values.iter().map(String::as_str).collect();
-    CounterKey::new(&s.policy, &s.rule, &s.by, values).id
+    super::KeyPrefix::new(&s.policy, &s.rule).id(&values)
 }
 
 fn sink_label(s: &SpendSink) -> Arc<Label> {
@@ -343,31 +346,39 @@ impl MemoryLedger {
     /// Claims a decision for recording: `Err(Duplicate)` if it was recorded (or is being
     /// recorded), `Err(UnknownDecision)` if there is no such decision.
     pub fn begin_record(&self, decision: u128, now: i64) -> Result<PendingRecord, RecordOutcome> {
-        let mut decisions = self.decisions[shard_of(decision)].lock();
-        let Some(record) = decisions
-            .map
-            .get_mut(&decision)
-            .filter(|r| r.retain_until > now)
-        else {
-            return Err(RecordOutcome::UnknownDecision);
+        let (at, ids) = {
+            let mut decisions = self.decisions[shard_of(decision)].lock();
+            let Some(record) = decisions
+                .map
+                .get_mut(&decision)
+                .filter(|r| r.retain_until > now)
+            else {
+                return Err(RecordOutcome::UnknownDecision);
+            };
+            if record.recorded {
+                return Err(RecordOutcome::Duplicate);
+            }
+            record.recorded = true;
+            (record.at, record.sinks.clone())
         };
-        if record.recorded {
-            return Err(RecordOutcome::Duplicate);
-        }
-        record.recorded = true;
+        // The counters outlive the record (see `apply`), so each one's label is there.
+        let mut guards = self.lock_shards(ids.iter().copied());
+        let sinks = ids
+            .iter()
+            .filter_map(|id| {
+                let label = &guard(&mut guards, *id).counters.get(id)?.label;
+                Some(SpendSink {
+                    policy: label.policy.clone(),
+                    rule: label.rule.clone(),
+                    by: label.by.clone(),
+                    values: label.values.clone(),
+                })
+            })
+            .collect();
         Ok(PendingRecord {
             decision,
-            at: record.at,
-            sinks: record
-                .sinks
-                .iter()
-                .map(|(_, l)| SpendSink {
-                    policy: l.policy.clone(),
-                    rule: l.rule.clone(),
-                    by: l.by.clone(),
-                    values: l.values.clone(),
-                })
-                .collect(),
+            at,
+            sinks,
         })
     }
 
@@ -384,34 +395,18 @@ impl MemoryLedger {
 
     /// Applies a claimed record: the reservations go, the cost counts at the check's time.
     pub fn finish_record(&self, pending: &PendingRecord, cost: Micros) {
-        let sinks: Sinks = {
-            let decisions = self.decisions[shard_of(pending.decision)].lock();
-            match decisions.map.get(&pending.decision) {
-                Some(r) => r.sinks.clone(),
-                None => pending
-                    .sinks
-                    .iter()
-                    .map(|s| (sink_id(s), sink_label(s)))
-                    .collect(),
-            }
-        };
-        self.add_spend(&sinks, Some(pending.decision), pending.at, cost);
+        self.add_spend(&pending.sinks, Some(pending.decision), pending.at, cost);
     }
 
-    fn add_spend(
-        &self,
-        sinks: &[(u128, Arc<Label>)],
-        decision: Option<u128>,
-        at: i64,
-        cost: Micros,
-    ) {
-        let mut guards = self.lock_shards(sinks.iter().map(|(id, _)| *id));
-        for (id, label) in sinks {
+    fn add_spend(&self, sinks: &[SpendSink], decision: Option<u128>, at: i64, cost: Micros) {
+        let ids: SmallVec<[u128; 4]> = sinks.iter().map(sink_id).collect();
+        let mut guards = self.lock_shards(ids.iter().copied());
+        for (id, sink) in ids.iter().zip(sinks) {
             let shard = guard(&mut guards, *id);
             // A counter created here (restored spend, or one swept meanwhile) does not know
             // its window yet: it is kept until an operation tells it.
             let counter = shard.counters.entry(*id).or_insert_with(|| Counter {
-                label: Arc::clone(label),
+                label: sink_label(sink),
                 state: State::Spend(Spend::default()),
                 idle_at: i64::MAX,
             });
@@ -718,9 +713,7 @@ impl Restore for MemoryLedger {
         at: i64,
         cost: Micros,
     ) -> Result<(), LedgerError> {
-        let sinks: Vec<(u128, Arc<Label>)> =
-            sinks.iter().map(|s| (sink_id(s), sink_label(s))).collect();
-        self.add_spend(&sinks, None, at, cost);
+        self.add_spend(sinks, None, at, cost);
         Ok(())
     }
 
@@ -800,6 +793,9 @@ impl Ledger for MemoryLedger {
         }
 
         let mut sinks = Sinks::new();
+        // A late `record` (after the reservation lapsed) still counts for as long again;
+        // the counters it counts toward live at least as long as its decision record.
+        let retain_until = now + 2 * plan.reservation_ttl_ms.max(60_000);
         let mut lease_keys = Vec::new();
         for ((op, result), effect) in plan.ops.iter().zip(&results).zip(effects) {
             let shard = guard(&mut guards, op.key.id);
@@ -845,12 +841,12 @@ impl Ledger for MemoryLedger {
                     }
                     let horizon =
                         window_ms.map_or(i64::MAX, |w| now.saturating_add(w).saturating_add(1));
-                    counter.idle_at = counter.idle_at.max(horizon).max(expires);
-                    sinks.push((op.key.id, Arc::clone(&counter.label)));
+                    counter.idle_at = counter.idle_at.max(horizon).max(retain_until);
+                    sinks.push(op.key.id);
                 }
                 (Effect::Sink { window_ms }, State::Spend(_)) => {
-                    counter.idle_at = counter.idle_at.max(now + window_ms + 1);
-                    sinks.push((op.key.id, Arc::clone(&counter.label)));
+                    counter.idle_at = counter.idle_at.max(now + window_ms + 1).max(retain_until);
+                    sinks.push(op.key.id);
                 }
                 (Effect::Lease, State::Leases(live)) => {
                     if let Some(lease) = &plan.lease
@@ -896,8 +892,7 @@ impl Ledger for MemoryLedger {
                     at: now,
                     sinks,
                     recorded: false,
-                    // A late `record` (after the reservation lapsed) still counts for as long again.
-                    retain_until: now + 2 * plan.reservation_ttl_ms.max(60_000),
+                    retain_until,
                 },
             );
         }

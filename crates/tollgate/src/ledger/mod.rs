@@ -6,8 +6,10 @@
 //! conformance tests (`tests/ledger_conformance.rs`).
 
 use std::fmt;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::{BuildHasher, DefaultHasher, Hash, Hasher, RandomState};
 use std::sync::LazyLock;
+
+use smallvec::SmallVec;
 
 use crate::money::Micros;
 use crate::request::{Dimension, Subject};
@@ -18,6 +20,9 @@ mod memory;
 pub mod conformance;
 
 pub use memory::{MemoryLedger, PendingRecord, SpendSink};
+
+/// The values of a counter's `by` dimensions in one request (rarely more than two).
+pub type KeyValues<'a> = SmallVec<[&'a str; 2]>;
 
 /// Identifies one counter: a policy, a rule id and the values of its `by` dimensions.
 ///
@@ -34,21 +39,74 @@ pub struct CounterKey<'a> {
     /// The dimensions the counter is keyed by.
     pub by: &'a [Dimension],
     /// Their values in this request, in the order of `by`.
-    pub values: Vec<&'a str>,
+    pub values: KeyValues<'a>,
+}
+
+/// The hashing state of a counter id after its policy and rule: a rule computes it once,
+/// so a check hashes only the request's values.
+#[derive(Clone)]
+pub struct KeyPrefix {
+    // High half: SipHash under a per-process random key, so ids cannot be chosen by
+    // whoever picks user names; low half: a fast second hash of the same parts.
+    keyed: DefaultHasher,
+    fast: rustc_hash::FxHasher,
+}
+
+impl fmt::Debug for KeyPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeyPrefix")
+    }
+}
+
+impl KeyPrefix {
+    /// The prefix of every counter of `policy`'s rule `rule`.
+    pub fn new(policy: &str, rule: &str) -> KeyPrefix {
+        static KEYED: LazyLock<RandomState> = LazyLock::new(RandomState::new);
+        let mut prefix = KeyPrefix {
+            keyed: KEYED.build_hasher(),
+            fast: rustc_hash::FxHasher::default(),
+        };
+        // Each `str` is written with a terminator, so the parts cannot run together.
+        for part in [policy, rule] {
+            part.hash(&mut prefix.keyed);
+            part.hash(&mut prefix.fast);
+        }
+        prefix
+    }
+
+    /// The id of this rule's counter for `values`.
+    pub fn id(&self, values: &[&str]) -> u128 {
+        let (mut keyed, mut fast) = (self.keyed.clone(), self.fast.clone());
+        for v in values {
+            v.hash(&mut keyed);
+            v.hash(&mut fast);
+        }
+        (u128::from(keyed.finish()) << 64) | u128::from(fast.finish())
+    }
 }
 
 impl<'a> CounterKey<'a> {
     /// Builds a key and its id.
-    pub fn new(policy: &'a str, rule: &'a str, by: &'a [Dimension], values: Vec<&'a str>) -> Self {
-        // High half: SipHash under a per-process random key, so ids cannot be chosen by
-        // whoever picks user names; low half: a fast second hash of the same parts.
-        static KEYED: LazyLock<RandomState> = LazyLock::new(RandomState::new);
-        let parts = (policy, rule, &values);
-        let high = KEYED.hash_one(parts);
-        let low = rustc_hash::FxBuildHasher.hash_one(parts);
-        let id = (u128::from(high) << 64) | u128::from(low);
+    pub fn new(
+        policy: &'a str,
+        rule: &'a str,
+        by: &'a [Dimension],
+        values: impl Into<KeyValues<'a>>,
+    ) -> Self {
+        let values = values.into();
+        CounterKey::with_prefix(&KeyPrefix::new(policy, rule), policy, rule, by, values)
+    }
+
+    /// Builds a key whose policy and rule were hashed in advance into `prefix`.
+    pub fn with_prefix(
+        prefix: &KeyPrefix,
+        policy: &'a str,
+        rule: &'a str,
+        by: &'a [Dimension],
+        values: KeyValues<'a>,
+    ) -> Self {
         CounterKey {
-            id,
+            id: prefix.id(&values),
             policy,
             rule,
             by,

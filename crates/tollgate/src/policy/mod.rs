@@ -13,7 +13,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use serde_json::Value as Json;
 
 use crate::duration::Millis;
-use crate::matcher::{Condition, Matcher, Patterns};
+use smallvec::SmallVec;
+
+use crate::matcher::{Condition, Matched, Matcher, Patterns};
 use crate::money::{Micros, div_ceil_i128};
 use crate::request::Dimension;
 use crate::rules::custom::Registry;
@@ -217,9 +219,9 @@ impl PolicySet {
 
     /// The policies whose rules apply, in evaluation order: each matched policy's chain,
     /// in document order, each policy at most once.
-    pub(crate) fn evaluation_order(&self, matched: &[u32]) -> Vec<u32> {
-        let mut seen = vec![false; self.policies.len()];
-        let mut order = Vec::new();
+    pub(crate) fn evaluation_order(&self, matched: &[u32]) -> Matched {
+        let mut seen: SmallVec<[bool; 64]> = smallvec::smallvec![false; self.policies.len()];
+        let mut order = Matched::new();
         for &m in matched {
             for &p in &self.policies[m as usize].chain {
                 if !std::mem::replace(&mut seen[p as usize], true) {

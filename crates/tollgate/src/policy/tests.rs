@@ -250,6 +250,6 @@ policies:
     assert_eq!(chain(3), vec![0, 1, 2, 3]);
     assert_eq!(set.policies[1].guardrails, vec!["g2", "g3"]);
     assert_eq!(set.policies[2].guardrails, vec!["g1", "g2", "g3"]);
-    assert_eq!(set.evaluation_order(&[3, 1]), vec![0, 1, 2, 3]);
-    assert_eq!(set.evaluation_order(&[1, 0]), vec![0, 1]);
+    assert_eq!(set.evaluation_order(&[3, 1]).to_vec(), vec![0, 1, 2, 3]);
+    assert_eq!(set.evaluation_order(&[1, 0]).to_vec(), vec![0, 1]);
 }

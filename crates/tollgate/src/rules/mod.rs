@@ -47,6 +47,27 @@ pub(crate) struct Rule {
     pub when: Option<Expr>,
     pub mode: Mode,
     pub kind: RuleKind,
+    /// Its counters' id prefix (policy and id hashed once).
+    pub key_prefix: crate::ledger::KeyPrefix,
+}
+
+impl Rule {
+    pub(crate) fn new(
+        id: String,
+        policy: String,
+        when: Option<Expr>,
+        mode: Mode,
+        kind: RuleKind,
+    ) -> Rule {
+        Rule {
+            key_prefix: crate::ledger::KeyPrefix::new(&policy, &id),
+            id,
+            policy,
+            when,
+            mode,
+            kind,
+        }
+    }
 }
 
 pub(crate) enum RuleKind {
@@ -348,13 +369,7 @@ pub(crate) fn parse_rule(
     if !fields_ok {
         return None;
     }
-    Some(Rule {
-        id: id?,
-        policy: policy.to_string(),
-        when,
-        mode: mode?,
-        kind: kind?,
-    })
+    Some(Rule::new(id?, policy.to_string(), when, mode?, kind?))
 }
 
 /// Compiles a CEL expression, reporting compile errors and unknown variables at `at`.
