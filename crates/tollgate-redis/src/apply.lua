@@ -11,48 +11,129 @@ local function num(x) if x == false or x == nil then return nil end return tonum
 
 -- Spend counters keep running sums in KEY:m (esum: recorded events still in KEY:ev;
 -- folded: events that fell out of every window; rsum: live reservations), so a check
--- costs O(1) amortised whatever the traffic.
+-- costs O(1) amortised whatever the traffic. KEY:m also holds bounds that spare the
+-- common path any range query: elow, the time of the oldest event; rexp, at most the
+-- earliest expiry of a live reservation; rlow, at most the time of the oldest one; and
+-- lx, when the counter's keys lapse (their lifetimes are refreshed from it).
+local SPEND_FIELDS = {'esum', 'folded', 'rsum', 'elow', 'rexp', 'rlow', 'lx'}
 
--- Recorded spend since ws (nil: all of it). Events before a finite window are folded.
-local function recorded(key, ws)
+-- Reads a spend counter's sums (one HMGET) and answers spend since ws (nil: all of it):
+-- recorded events before a finite window are folded, expired reservations dropped.
+-- Returns the amount in use and the counter's state for the commit.
+local function spend(key, ws, reservations)
   local m = key .. ':m'
-  if ws ~= nil then
+  local h = redis.call('HMGET', m, unpack(SPEND_FIELDS))
+  local st = {esum = num(h[1]) or 0, folded = num(h[2]) or 0, rsum = num(h[3]) or 0,
+    elow = num(h[4]), rexp = num(h[5]), rlow = num(h[6]), lx = num(h[7])}
+  if ws ~= nil and st.elow ~= nil and st.elow < ws then
     local old = redis.call('ZRANGEBYSCORE', key .. ':ev', '-inf', '(' .. ws)
     if #old > 0 then
       local folded = 0
-      for _, d in ipairs(old) do folded = folded + (num(redis.call('HGET', key .. ':am', d)) or 0) end
-      redis.call('HINCRBY', m, 'folded', folded)
-      redis.call('HINCRBY', m, 'esum', -folded)
+      for _, d in ipairs(redis.call('HMGET', key .. ':am', unpack(old))) do folded = folded + (num(d) or 0) end
+      st.folded = st.folded + folded
+      st.esum = st.esum - folded
       redis.call('ZREMRANGEBYSCORE', key .. ':ev', '-inf', '(' .. ws)
       redis.call('HDEL', key .. ':am', unpack(old))
     end
+    local first = redis.call('ZRANGE', key .. ':ev', 0, 0, 'WITHSCORES')
+    st.elow = tonumber(first[2])
+    st.dirty = true
   end
-  local h = redis.call('HMGET', m, 'esum', 'folded')
-  local total = num(h[1]) or 0
-  if ws == nil then total = total + (num(h[2]) or 0) end
-  return total
-end
-
--- Live reservations made since ws (nil: all).
-local function reserved(key, ws)
-  local m = key .. ':m'
-  local expired = redis.call('ZRANGEBYSCORE', key .. ':rv', '-inf', now)
-  if #expired > 0 then
-    local gone = 0
-    for _, d in ipairs(expired) do gone = gone + (num(redis.call('HGET', key .. ':ra', d)) or 0) end
-    redis.call('HINCRBY', m, 'rsum', -gone)
-    redis.call('ZREMRANGEBYSCORE', key .. ':rv', '-inf', now)
-    redis.call('ZREM', key .. ':rat', unpack(expired))
-    redis.call('HDEL', key .. ':ra', unpack(expired))
+  local total = st.esum
+  if ws == nil then total = total + st.folded end
+  if not reservations then return total, st end
+  if st.rexp ~= nil and st.rexp <= now then
+    local expired = redis.call('ZRANGEBYSCORE', key .. ':rv', '-inf', now)
+    if #expired > 0 then
+      local gone = 0
+      for _, a in ipairs(redis.call('HMGET', key .. ':ra', unpack(expired))) do gone = gone + (num(a) or 0) end
+      st.rsum = st.rsum - gone
+      redis.call('ZREMRANGEBYSCORE', key .. ':rv', '-inf', now)
+      redis.call('ZREM', key .. ':rat', unpack(expired))
+      redis.call('HDEL', key .. ':ra', unpack(expired))
+    end
+    local first = redis.call('ZRANGE', key .. ':rv', 0, 0, 'WITHSCORES')
+    st.rexp = tonumber(first[2])
+    if st.rexp == nil then st.rlow = nil end
+    st.dirty = true
   end
-  local total = num(redis.call('HGET', m, 'rsum')) or 0
-  if ws ~= nil then
+  total = total + st.rsum
+  if ws ~= nil and st.rlow ~= nil and st.rlow < ws then
     -- reservations from before the window (a period that just turned) do not count
-    for _, d in ipairs(redis.call('ZRANGEBYSCORE', key .. ':rat', '-inf', '(' .. ws)) do
-      total = total - (num(redis.call('HGET', key .. ':ra', d)) or 0)
+    local before = redis.call('ZRANGEBYSCORE', key .. ':rat', '-inf', '(' .. ws)
+    if #before > 0 then
+      for _, a in ipairs(redis.call('HMGET', key .. ':ra', unpack(before))) do total = total - (num(a) or 0) end
+    else
+      st.rlow = ws
+      st.dirty = true
     end
   end
-  return total
+  return total, st
+end
+
+-- Writes a spend counter's sums and bounds (one HSET, and an HDEL for bounds that no
+-- longer hold), with `extra` fields.
+-- Integers are written in full ('%d'): Lua would print large ones with 14 digits.
+local function write_spend(key, st, extra)
+  local int = function(x) return string.format('%d', x) end
+  local fields = {'esum', int(st.esum), 'folded', int(st.folded), 'rsum', int(st.rsum)}
+  local gone = {}
+  for _, f in ipairs({'elow', 'rexp', 'rlow'}) do
+    if st[f] ~= nil then
+      table.insert(fields, f) table.insert(fields, int(st[f]))
+    else
+      table.insert(gone, f)
+    end
+  end
+  for _, v in ipairs(extra) do table.insert(fields, v) end
+  redis.call('HSET', key .. ':m', unpack(fields))
+  if st.dirty and #gone > 0 then redis.call('HDEL', key .. ':m', unpack(gone)) end
+end
+
+-- Commits a spend operation: its reservation, the sums, and the counter's lifetimes (set
+-- when a tenth of them has passed; keys created now, when no reservation was live, at once).
+local function commit_spend(key, op, st, reserve)
+  local fresh_reservations = false
+  if reserve then
+    if st.rsum == 0 then
+      -- no live reservation: the reservation keys are gone, and so are their bounds
+      fresh_reservations, st.rexp, st.rlow, st.dirty = true, nil, nil, true
+    end
+    st.rsum = st.rsum + op.amount
+    local exp = now + plan.ttl
+    if st.rexp == nil or exp < st.rexp then st.rexp = exp end
+    if st.rlow == nil or now < st.rlow then st.rlow = now end
+  end
+  local extra = {'label', op.label}
+  local window = op.wms or op.lookback
+  local life = nil
+  if window ~= nil then
+    -- A windowed counter lapses once nothing in it can count any more (a late record
+    -- within twice the reservation TTL included); a `total` one never does.
+    life = window + 2 * math.max(plan.ttl, 60000) + 1000
+    if st.lx == nil or st.lx - now < life - life / 10 then
+      st.lx = now + life
+      table.insert(extra, 'lx') table.insert(extra, string.format('%d', st.lx))
+    else
+      life = nil
+    end
+  end
+  write_spend(key, st, extra)
+  st.dirty = false
+  if reserve then
+    redis.call('ZADD', key .. ':rv', now + plan.ttl, plan.decision)
+    redis.call('ZADD', key .. ':rat', now, plan.decision)
+    redis.call('HSET', key .. ':ra', plan.decision, op.amount)
+  end
+  if life ~= nil then
+    for _, part in ipairs({':m', ':ev', ':am', ':rv', ':rat', ':ra'}) do
+      redis.call('PEXPIRE', key .. part, life)
+    end
+  elseif fresh_reservations and st.lx ~= nil then
+    for _, part in ipairs({':rv', ':rat', ':ra'}) do
+      redis.call('PEXPIRE', key .. part, st.lx - now)
+    end
+  end
 end
 
 -- When enough spend leaves a trailing window for `amount` to fit (only on a refusal).
@@ -77,6 +158,7 @@ end
 
 local results = {}
 local effects = {}
+local states = {}
 local blocked = false
 for i, op in ipairs(ops) do
   local key = KEYS[i]
@@ -127,7 +209,7 @@ for i, op in ipairs(ops) do
     end
   elseif op.t == 'sp' then
     local ws = op.ws
-    used = recorded(key, ws) + reserved(key, ws)
+    used, states[i] = spend(key, ws, true)
     local refused = used >= op.limit or used + op.amount > op.limit
     granted = not refused
     local reserves = (not refused) or (not op.enforcing)
@@ -137,7 +219,8 @@ for i, op in ipairs(ops) do
     end
     effect = true
   elseif op.t == 'fc' then
-    local spent = recorded(key, now - op.lookback)
+    local spent
+    spent, states[i] = spend(key, now - op.lookback, false)
     granted = spent * 30 * DAY < op.budget * op.lookback
     used = math.floor(spent * 30 * DAY / op.lookback)
     remaining = math.max(0, op.budget - used)
@@ -197,28 +280,7 @@ if plan.commit and not blocked then
       redis.call('ZADD', key, now, now .. ':' .. plan.decision .. ':' .. i)
       redis.call('PEXPIRE', key, op.per + 1000)
     elseif op.t == 'sp' or op.t == 'fc' then
-      redis.call('HSET', key .. ':m', 'label', op.label)
-      if op.t == 'sp' and op.amount > 0 then
-        redis.call('ZADD', key .. ':rv', now + plan.ttl, plan.decision)
-        redis.call('ZADD', key .. ':rat', now, plan.decision)
-        redis.call('HSET', key .. ':ra', plan.decision, op.amount)
-        redis.call('HINCRBY', key .. ':m', 'rsum', op.amount)
-      end
-      -- A windowed counter lapses once nothing in it can count any more (a late record
-      -- within twice the reservation TTL included); a `total` one never does.
-      -- The lifetimes are refreshed when a tenth of them has passed (one PTTL call per
-      -- operation otherwise); a reservation or event key created meanwhile gets one at
-      -- once.
-      local window = op.wms or op.lookback
-      if window ~= nil then
-        local life = window + 2 * math.max(plan.ttl, 60000) + 1000
-        local left = redis.call('PTTL', key .. ':m')
-        if left < life - life / 10 or (op.t == 'sp' and op.amount > 0 and redis.call('PTTL', key .. ':rv') < 0) then
-          for _, part in ipairs({':m', ':ev', ':am', ':rv', ':rat', ':ra'}) do
-            redis.call('PEXPIRE', key .. part, life)
-          end
-        end
-      end
+      commit_spend(key, op, states[i], op.t == 'sp' and op.amount > 0)
       table.insert(sinks, key)
     elseif op.t == 'ls' and plan.lease then
       if results[i][1] == 1 or not op.enforcing then
@@ -238,5 +300,9 @@ if plan.commit and not blocked then
     redis.call('HSET', lease, 'keys', cjson.encode(lease_keys), 'exp', exp, 'res', plan.lease.resource)
     redis.call('HSET', plan.prefix .. ':lr:' .. plan.lease.resource, plan.lease.id, cjson.encode({s = plan.lease.subject, e = exp}))
   end
+end
+-- Folds and expiries made while answering are kept even when nothing was committed.
+for i, st in pairs(states) do
+  if st.dirty then write_spend(KEYS[i], st, {}) end
 end
 return results

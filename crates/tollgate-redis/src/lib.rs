@@ -122,7 +122,7 @@ fn label(key: &CounterKey<'_>) -> String {
         "policy": key.policy,
         "rule": key.rule,
         "by": key.by.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "values": key.values,
+        "values": key.values.as_slice(),
     })
     .to_string()
 }
@@ -241,7 +241,7 @@ impl Ledger for RedisLedger {
                 OpKind::Lease { max, resource } => json!({
                     "t": "ls", "max": max, "resource": resource,
                     "by": op.key.by.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                    "values": op.key.values,
+                    "values": op.key.values.as_slice(),
                 }),
             };
             o["enforcing"] = json!(op.enforcing);

@@ -17,6 +17,9 @@ for _, key in ipairs(cjson.decode(d[2])) do
     redis.call('ZADD', key .. ':ev', d[1], decision)
     redis.call('HSET', key .. ':am', decision, cost)
     redis.call('HINCRBY', key .. ':m', 'esum', cost)
+    -- the oldest event's time, which spares checks a range query (see apply.lua)
+    local low = tonumber(redis.call('HGET', key .. ':m', 'elow'))
+    if low == nil or tonumber(d[1]) < low then redis.call('HSET', key .. ':m', 'elow', d[1]) end
     -- new keys of a windowed counter lapse with it
     local life = redis.call('PTTL', key .. ':m')
     if life > 0 then

@@ -6,6 +6,8 @@ for i, key in ipairs(KEYS) do
   if r.cost ~= 0 and redis.call('ZADD', key .. ':ev', 'NX', r.at, r.decision) == 1 then
     redis.call('HSET', key .. ':am', r.decision, r.cost)
     redis.call('HINCRBY', key .. ':m', 'esum', r.cost)
+    local low = tonumber(redis.call('HGET', key .. ':m', 'elow'))
+    if low == nil or r.at < low then redis.call('HSET', key .. ':m', 'elow', string.format('%d', r.at)) end
   end
 end
 return 1

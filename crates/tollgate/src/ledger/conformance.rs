@@ -295,6 +295,92 @@ pub fn usage_lists_spend_counters_by_dimension(name: &str, l: &dyn Ledger) {
     );
 }
 
+fn windowed(rule: &'static str, window_start: i64, limit: i64, amount: i64) -> Op<'static> {
+    Op {
+        key: key(rule),
+        kind: OpKind::Spend {
+            window_start,
+            window_ms: Some(3_600_000),
+            limit: Micros(limit),
+            amount: Micros(amount),
+        },
+        enforcing: true,
+    }
+}
+
+/// Conformance check `reservations_from_before_the_window_do_not_count`: a period that
+/// turns while a reservation is live starts from zero.
+pub fn reservations_from_before_the_window_do_not_count(name: &str, l: &dyn Ledger) {
+    let turn = 10 * TTL;
+    l.apply(
+        &plan(1, turn - 10, vec![windowed("s", 0, 100, 60)]),
+        Apply::Commit,
+    )
+    .unwrap();
+    let r = l
+        .apply(
+            &plan(2, turn - 5, vec![windowed("s", 0, 100, 60)]),
+            Apply::Commit,
+        )
+        .unwrap();
+    assert!(!r[0].granted, "{name}: 60 + 60 > 100 in the same period");
+    // The first reservation is still live (TTL), but from the previous period.
+    let r = l
+        .apply(
+            &plan(3, turn, vec![windowed("s", turn, 100, 60)]),
+            Apply::Commit,
+        )
+        .unwrap();
+    assert!(
+        r[0].granted,
+        "{name}: a new period counts nothing from before it"
+    );
+    assert_eq!(r[0].used, 0, "{name}");
+    let r = l
+        .apply(
+            &plan(4, turn + 1, vec![windowed("s", turn, 100, 60)]),
+            Apply::Commit,
+        )
+        .unwrap();
+    assert_eq!((r[0].granted, r[0].used), (false, 60), "{name}");
+}
+
+/// Conformance check `what_a_refused_plan_reads_stays_consistent`: spend that left its
+/// window while a refused plan was answered is gone for the next one too.
+pub fn what_a_refused_plan_reads_stays_consistent(name: &str, l: &dyn Ledger) {
+    l.apply(&plan(1, 0, vec![windowed("s", 0, 100, 50)]), Apply::Commit)
+        .unwrap();
+    assert_eq!(l.record(1, Micros(50), 1).unwrap(), RecordOutcome::Recorded);
+    // Later, the recorded 50 is outside the window; the rate limit refuses the plan.
+    let later = 3 * TTL;
+    l.apply(&plan(9, later, vec![rate("r", 1)]), Apply::Commit)
+        .unwrap();
+    let r = l
+        .apply(
+            &plan(
+                2,
+                later,
+                vec![rate("r", 1), windowed("s", later - 10, 100, 80)],
+            ),
+            Apply::Commit,
+        )
+        .unwrap();
+    assert!(!r[0].granted && r[1].granted, "{name}");
+    assert_eq!(r[1].used, 0, "{name}");
+    let r = l
+        .apply(
+            &plan(3, later + 1, vec![windowed("s", later - 9, 100, 80)]),
+            Apply::Commit,
+        )
+        .unwrap();
+    assert_eq!((r[0].granted, r[0].used), (true, 0), "{name}");
+    assert_eq!(
+        l.spend_used(&key("s"), i64::MIN, later + 1).unwrap(),
+        Micros(130),
+        "{name}: recorded 50 (all time) and the reservation of 80"
+    );
+}
+
 /// Runs every check, each on a fresh ledger from `make`.
 pub fn run_all(name: &str, make: &dyn Fn() -> Box<dyn Ledger>) {
     a_refused_enforcing_operation_commits_nothing(name, &*make());
@@ -305,4 +391,6 @@ pub fn run_all(name: &str, make: &dyn Fn() -> Box<dyn Ledger>) {
     leases_count_until_released_or_lapsed(name, &*make());
     forecast_projects_recorded_spend_only(name, &*make());
     usage_lists_spend_counters_by_dimension(name, &*make());
+    reservations_from_before_the_window_do_not_count(name, &*make());
+    what_a_refused_plan_reads_stays_consistent(name, &*make());
 }
