@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, criterion_group, criterion_main};
 use dashmap::DashMap;
 use std::hint::black_box;
-use tollgate::{Engine, ManualClock, Micros, Request};
+use tollgate::{Engine, ManualClock};
+
+mod common;
 
 // The same allocator as the `tollgate` server binary, so the figures match what it serves.
 #[global_allocator]
@@ -41,23 +43,6 @@ policies:
       - {id: huge, type: expression, deny_if: 'has(estimate.input_tokens) && estimate.input_tokens > 1000000'}
 "#;
 
-fn requests() -> Vec<Request> {
-    (0..USERS)
-        .map(|i| {
-            let mut r = Request::default();
-            r.subject.user = Some(format!("u{i}"));
-            r.subject.team = Some(format!("t{}", i % 100));
-            r.subject.agent = Some("analyst".into());
-            r.model = Some("gpt-4o".into());
-            r.labels.insert("input".into(), "public".into());
-            r.labels.insert("plan".into(), "pro".into());
-            r.estimate.cost_usd = Some(Micros(10));
-            r.estimate.input_tokens = Some(1000);
-            r
-        })
-        .collect()
-}
-
 fn engine() -> Engine {
     let clock = Arc::new(ManualClock::new(1_767_225_600_000));
     Engine::builder()
@@ -83,7 +68,7 @@ fn two_threads(per_thread: u64, f: impl Fn(u64) + Sync) -> Duration {
 }
 
 fn bench(c: &mut Criterion) {
-    let reqs = requests();
+    let reqs = common::requests(USERS);
     let engine = engine();
     assert!(engine.check(&reqs[0]).allowed);
     let baseline: DashMap<u64, AtomicU64> =

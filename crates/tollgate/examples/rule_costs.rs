@@ -29,7 +29,10 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 use std::time::Instant;
-use tollgate::{Engine, ManualClock, Micros, Request};
+use tollgate::{Engine, ManualClock};
+
+#[path = "../benches/common/mod.rs"]
+mod common;
 fn main() {
     let only = std::env::var("ONLY").ok();
     let rules = [
@@ -45,20 +48,7 @@ fn main() {
         "[{id: cap, type: max_cost_per_request, limit_usd: 5}]",
         "[{id: huge, type: expression, deny_if: 'has(estimate.input_tokens) && estimate.input_tokens > 1000000'}]",
     ];
-    let reqs: Vec<Request> = (0..100_000)
-        .map(|i| {
-            let mut r = Request::default();
-            r.subject.user = Some(format!("u{i}"));
-            r.subject.team = Some(format!("t{}", i % 100));
-            r.subject.agent = Some("analyst".into());
-            r.model = Some("gpt-4o".into());
-            r.labels.insert("input".into(), "public".into());
-            r.labels.insert("plan".into(), "pro".into());
-            r.estimate.cost_usd = Some(Micros(10));
-            r.estimate.input_tokens = Some(1000);
-            r
-        })
-        .collect();
+    let reqs = common::requests(100_000);
     // Last, all ten together.
     let all = format!(
         "[{}]",

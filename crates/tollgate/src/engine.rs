@@ -440,8 +440,7 @@ impl Engine {
                 fresh.set(s, key, v);
             }
         }
-        let _writer = self.overrides_writer.lock();
-        self.overrides.store(Arc::new(fresh));
+        self.change_overrides(|o| *o = fresh);
     }
 
     /// The override at exactly `scope`, if any.

@@ -25,45 +25,6 @@ const SHARDS: usize = 64;
 const SWEEP_EVERY: u32 = 4096;
 const DAY_MS: i128 = 86_400_000;
 
-/// What a counter is, kept once per counter for the usage summary and lease matching.
-#[derive(Debug)]
-struct Label {
-    policy: String,
-    rule: String,
-    by: Vec<Dimension>,
-    values: Vec<String>,
-}
-
-impl Label {
-    fn of(key: &CounterKey<'_>) -> Arc<Label> {
-        Arc::new(Label {
-            policy: key.policy.to_string(),
-            rule: key.rule.to_string(),
-            by: key.by.to_vec(),
-            values: key.values.iter().map(|v| v.to_string()).collect(),
-        })
-    }
-
-    fn text(&self) -> String {
-        if self.by.is_empty() {
-            return "*".into();
-        }
-        self.by
-            .iter()
-            .zip(&self.values)
-            .map(|(d, v)| format!("{d}={v}"))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    fn has(&self, dimension: &str, value: &str) -> bool {
-        self.by
-            .iter()
-            .zip(&self.values)
-            .any(|(d, v)| d.to_string() == dimension && v == value)
-    }
-}
-
 #[derive(Debug, Default)]
 struct Spend {
     /// Recorded spend by check time, sorted.
@@ -256,6 +217,34 @@ pub struct SpendSink {
     pub values: Vec<String>,
 }
 
+/// A counter keeps what it is (for the usage summary, lease matching and records) as the
+/// sink a recorded cost names.
+type Label = SpendSink;
+
+impl SpendSink {
+    fn of(key: &CounterKey<'_>) -> Arc<SpendSink> {
+        Arc::new(SpendSink {
+            policy: key.policy.to_string(),
+            rule: key.rule.to_string(),
+            by: key.by.to_vec(),
+            values: key.values.iter().map(|v| v.to_string()).collect(),
+        })
+    }
+
+    /// The counter id, recomputed from the parts (in another process, too).
+    fn id(&self) -> u128 {
+        let values: super::KeyValues<'_> = self.values.iter().map(String::as_str).collect();
+        super::KeyPrefix::new(&self.policy, &self.rule).id(&values)
+    }
+
+    fn has(&self, dimension: &str, value: &str) -> bool {
+        self.by
+            .iter()
+            .zip(&self.values)
+            .any(|(d, v)| d.to_string() == dimension && v == value)
+    }
+}
+
 /// A `record` that has been claimed (so a concurrent duplicate sees it) but not yet
 /// applied: the caller makes it durable, then [`MemoryLedger::finish_record`].
 #[derive(Clone, Debug)]
@@ -285,20 +274,6 @@ impl std::fmt::Debug for MemoryLedger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("MemoryLedger")
     }
-}
-
-fn sink_id(s: &SpendSink) -> u128 {
-    let values: Vec<&str> = s.values.iter().map(String::as_str).collect();
-    super::KeyPrefix::new(&s.policy, &s.rule).id(&values)
-}
-
-fn sink_label(s: &SpendSink) -> Arc<Label> {
-    Arc::new(Label {
-        policy: s.policy.clone(),
-        rule: s.rule.clone(),
-        by: s.by.clone(),
-        values: s.values.clone(),
-    })
 }
 
 fn shard_of(id: u128) -> usize {
@@ -367,12 +342,7 @@ impl MemoryLedger {
             .iter()
             .filter_map(|id| {
                 let label = &guard(&mut guards, *id).counters.get(id)?.label;
-                Some(SpendSink {
-                    policy: label.policy.clone(),
-                    rule: label.rule.clone(),
-                    by: label.by.clone(),
-                    values: label.values.clone(),
-                })
+                Some(Label::clone(label))
             })
             .collect();
         Ok(PendingRecord {
@@ -399,14 +369,14 @@ impl MemoryLedger {
     }
 
     fn add_spend(&self, sinks: &[SpendSink], decision: Option<u128>, at: i64, cost: Micros) {
-        let ids: SmallVec<[u128; 4]> = sinks.iter().map(sink_id).collect();
+        let ids: SmallVec<[u128; 4]> = sinks.iter().map(SpendSink::id).collect();
         let mut guards = self.lock_shards(ids.iter().copied());
         for (id, sink) in ids.iter().zip(sinks) {
             let shard = guard(&mut guards, *id);
             // A counter created here (restored spend, or one swept meanwhile) does not know
             // its window yet: it is kept until an operation tells it.
             let counter = shard.counters.entry(*id).or_insert_with(|| Counter {
-                label: sink_label(sink),
+                label: Arc::new(sink.clone()),
                 state: State::Spend(Spend::default()),
                 idle_at: i64::MAX,
             });
@@ -754,7 +724,7 @@ impl Ledger for MemoryLedger {
         for op in &plan.ops {
             let shard = guard(&mut guards, op.key.id);
             let counter = shard.counters.entry(op.key.id).or_insert_with(|| Counter {
-                label: Label::of(&op.key),
+                label: SpendSink::of(&op.key),
                 state: match (&op.kind, &lease_table) {
                     (OpKind::Lease { resource, .. }, Some(table)) => {
                         let live = seed_leases(table, &op.key, resource, now);
@@ -973,7 +943,7 @@ impl Ledger for MemoryLedger {
                 out.push(SpendUsage {
                     policy: label.policy.clone(),
                     rule: label.rule.clone(),
-                    key: label.text(),
+                    key: super::label_text(&label.by, &label.values),
                     first_value: label.values.first().cloned(),
                     spent: Micros(spend.recorded_since(window_start)),
                     reserved: Micros(spend.reserved_since(window_start, now)),

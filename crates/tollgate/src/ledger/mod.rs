@@ -116,16 +116,20 @@ impl<'a> CounterKey<'a> {
 
     /// `user=u42,team=t` (or `*` for a counter shared by every request).
     pub fn label(&self) -> String {
-        if self.by.is_empty() {
-            return "*".to_string();
-        }
-        self.by
-            .iter()
-            .zip(&self.values)
-            .map(|(d, v)| format!("{d}={v}"))
-            .collect::<Vec<_>>()
-            .join(",")
+        label_text(self.by, &self.values)
     }
+}
+
+/// `user=u42,team=t` for these dimensions and values (`*` when there are none).
+pub(crate) fn label_text(by: &[Dimension], values: &[impl AsRef<str>]) -> String {
+    if by.is_empty() {
+        return "*".to_string();
+    }
+    by.iter()
+        .zip(values)
+        .map(|(d, v)| format!("{d}={}", v.as_ref()))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// A rate limiting algorithm.
