@@ -53,6 +53,20 @@ fn round_trips(url: &str) -> u64 {
         .sum()
 }
 
+/// Microseconds Redis has spent in EVALSHA so far (`INFO commandstats`): the script's
+/// own cost, without the client's or the network's.
+fn script_usec(url: &str) -> u64 {
+    let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut c)
+        .unwrap();
+    info.lines()
+        .find(|l| l.starts_with("cmdstat_evalsha:"))
+        .and_then(|l| l.split("usec=").nth(1)?.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 fn main() {
     let url = std::env::args()
         .nth(1)
@@ -61,6 +75,7 @@ fn main() {
 
     // Baseline: the bare Lua token bucket, one EVALSHA per call.
     let script = Script::new(BUCKET);
+    let usec_before = script_usec(&url);
     let start = Instant::now();
     std::thread::scope(|s| {
         for t in 0..THREADS {
@@ -78,40 +93,59 @@ fn main() {
         }
     });
     let baseline = (THREADS * PER_THREAD) as f64 / start.elapsed().as_secs_f64();
+    let baseline_usec = (script_usec(&url) - usec_before) as f64 / (THREADS * PER_THREAD) as f64;
 
-    // tollgate: a policy with a rate limit, a budget and a cost velocity per user.
-    let policy = "policies: [{name: p, rules: [
-      {id: rpm, type: rate, limit: 1000000000, per: 1m, by: [user]},
-      {id: monthly, type: budget, limit_usd: 1000000, period: month, by: [user]},
-      {id: velocity, type: cost_velocity, limit_usd: 1000000, window: 1h, by: [team]}]}]";
+    // tollgate, on the same work as the baseline (one token-bucket rate rule), then on a
+    // policy with a rate limit, a budget and a cost velocity per user.
+    let policies = [
+        (
+            "1 rate rule (the baseline's work)",
+            "policies: [{name: p, rules: [
+              {id: rpm, type: rate, limit: 1000000000, per: 1m, by: [user]}]}]",
+        ),
+        (
+            "3 stateful rules: rate, budget, cost velocity",
+            "policies: [{name: p, rules: [
+              {id: rpm, type: rate, limit: 1000000000, per: 1m, by: [user]},
+              {id: monthly, type: budget, limit_usd: 1000000, period: month, by: [user]},
+              {id: velocity, type: cost_velocity, limit_usd: 1000000, window: 1h, by: [team]}]}]",
+        ),
+    ];
     let ledger = Arc::new(RedisLedger::connect(&url, &prefix, THREADS * 2).unwrap());
-    let engine = Engine::builder()
-        .clock(Arc::new(SystemClock))
-        .ledger(ledger.clone())
-        .build_from_text(policy)
-        .unwrap();
-    let before = round_trips(&url);
-    let start = Instant::now();
-    std::thread::scope(|s| {
-        for t in 0..THREADS {
-            let engine = &engine;
-            s.spawn(move || {
-                for i in 0..PER_THREAD {
-                    let mut r = Request::default();
-                    r.subject.user = Some(format!("u{}", (t * PER_THREAD + i) % 1000));
-                    r.subject.team = Some(format!("t{}", i % 10));
-                    r.estimate.cost_usd = Some(Micros(10));
-                    assert!(engine.check(&r).allowed);
-                }
-            });
-        }
-    });
-    let decisions = (THREADS * PER_THREAD) as f64;
-    let rate = decisions / start.elapsed().as_secs_f64();
-    let per_decision = (round_trips(&url) - before) as f64 / decisions;
+    println!(
+        "bare Lua token bucket (EVALSHA): {baseline:.0} calls/s, {baseline_usec:.1} µs in Redis per call"
+    );
+    for (name, policy) in policies {
+        let engine = Engine::builder()
+            .clock(Arc::new(SystemClock))
+            .ledger(ledger.clone())
+            .build_from_text(policy)
+            .unwrap();
+        let before = round_trips(&url);
+        let usec_before = script_usec(&url);
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            for t in 0..THREADS {
+                let engine = &engine;
+                s.spawn(move || {
+                    for i in 0..PER_THREAD {
+                        let mut r = Request::default();
+                        r.subject.user = Some(format!("u{}", (t * PER_THREAD + i) % 1000));
+                        r.subject.team = Some(format!("t{}", i % 10));
+                        r.estimate.cost_usd = Some(Micros(10));
+                        assert!(engine.check(&r).allowed);
+                    }
+                });
+            }
+        });
+        let decisions = (THREADS * PER_THREAD) as f64;
+        let rate = decisions / start.elapsed().as_secs_f64();
+        let per_decision = (round_trips(&url) - before) as f64 / decisions;
+        let usec = (script_usec(&url) - usec_before) as f64 / decisions;
+        println!(
+            "tollgate decisions, {name}: {rate:.0} decisions/s, ratio {:.2}, {usec:.1} µs in Redis per decision, {per_decision:.2} round trips per decision",
+            rate / baseline
+        );
+    }
     ledger.delete_all().unwrap();
-    println!("bare Lua token bucket (EVALSHA): {baseline:.0} calls/s");
-    println!("tollgate decisions (3 stateful rules, Redis ledger): {rate:.0} decisions/s");
-    println!("ratio: {:.2}", rate / baseline);
-    println!("Redis round trips (script calls) per decision: {per_decision:.2}");
 }

@@ -1,10 +1,36 @@
 -- Applies one decision's plan: answers every operation, then commits all of them or none.
 -- KEYS[1..n]: the counters of the n operations; KEYS[n+1]: the decision record;
--- KEYS[n+2]: the lease record. ARGV[1]: the plan as JSON (see lib.rs).
-local plan = cjson.decode(ARGV[1])
+-- KEYS[n+2]: the lease record.
+-- ARGV, flat (lib.rs; no JSON to decode on the hot path): now, ttl, decision, commit
+-- (1/0), prefix, lease (JSON or empty), then 7 per operation: type, enforcing (1/0) and
+--   tb/fw/sw: limit, per, burst, -, -
+--   sp: limit, amount, window start (empty: total), window ms (empty: none), label
+--   fc: lookback, monthly budget, -, -, label
+--   ls: max, resource, by (JSON), values (JSON), -
+local HEADER, STRIDE = 6, 7
+local plan = {now = tonumber(ARGV[1]), ttl = tonumber(ARGV[2]), decision = ARGV[3],
+  commit = ARGV[4] == '1', prefix = ARGV[5]}
+if ARGV[6] ~= '' then plan.lease = cjson.decode(ARGV[6]) end
 local now = plan.now
-local ops = plan.ops
-local n = #ops
+local n = (#ARGV - HEADER) / STRIDE
+local ops = {}
+for i = 1, n do
+  local b = HEADER + (i - 1) * STRIDE
+  local t = ARGV[b + 1]
+  local op = {t = t, enforcing = ARGV[b + 2] == '1'}
+  if t == 'sp' then
+    op.limit, op.amount = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
+    op.ws, op.wms, op.label = tonumber(ARGV[b + 5]), tonumber(ARGV[b + 6]), ARGV[b + 7]
+  elseif t == 'fc' then
+    op.lookback, op.budget, op.label = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]), ARGV[b + 7]
+  elseif t == 'ls' then
+    op.max, op.resource = tonumber(ARGV[b + 3]), ARGV[b + 4]
+    op.by, op.values = cjson.decode(ARGV[b + 5]), cjson.decode(ARGV[b + 6])
+  else
+    op.limit, op.per, op.burst = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]), tonumber(ARGV[b + 5])
+  end
+  ops[i] = op
+end
 local DAY = 86400000
 
 local function num(x) if x == false or x == nil then return nil end return tonumber(x) end
@@ -24,7 +50,8 @@ local function spend(key, ws, reservations)
   local m = key .. ':m'
   local h = redis.call('HMGET', m, unpack(SPEND_FIELDS))
   local st = {esum = num(h[1]) or 0, folded = num(h[2]) or 0, rsum = num(h[3]) or 0,
-    elow = num(h[4]), rexp = num(h[5]), rlow = num(h[6]), lx = num(h[7])}
+    elow = num(h[4]), rexp = num(h[5]), rlow = num(h[6]), lx = num(h[7]),
+    new = h[1] == false and h[2] == false and h[3] == false}
   if ws ~= nil and st.elow ~= nil and st.elow < ws then
     local old = redis.call('ZRANGEBYSCORE', key .. ':ev', '-inf', '(' .. ws)
     if #old > 0 then
@@ -74,24 +101,27 @@ end
 -- Writes a spend counter's sums and bounds (one HSET, and an HDEL for bounds that no
 -- longer hold), with `extra` fields.
 -- Integers are written in full ('%d'): Lua would print large ones with 14 digits.
+local function int(x) return string.format('%d', x) end
+local BOUNDS = {'elow', 'rexp', 'rlow'}
 local function write_spend(key, st, extra)
-  local int = function(x) return string.format('%d', x) end
   local fields = {'esum', int(st.esum), 'folded', int(st.folded), 'rsum', int(st.rsum)}
   local gone = {}
-  for _, f in ipairs({'elow', 'rexp', 'rlow'}) do
+  for _, f in ipairs(BOUNDS) do
     if st[f] ~= nil then
-      table.insert(fields, f) table.insert(fields, int(st[f]))
+      fields[#fields + 1] = f
+      fields[#fields + 1] = int(st[f])
     else
-      table.insert(gone, f)
+      gone[#gone + 1] = f
     end
   end
-  for _, v in ipairs(extra) do table.insert(fields, v) end
+  for _, v in ipairs(extra) do fields[#fields + 1] = v end
   redis.call('HSET', key .. ':m', unpack(fields))
   if st.dirty and #gone > 0 then redis.call('HDEL', key .. ':m', unpack(gone)) end
 end
 
 -- Commits a spend operation: its reservation, the sums, and the counter's lifetimes (set
 -- when a tenth of them has passed; keys created now, when no reservation was live, at once).
+-- The label is written with the lifetimes, or when the counter is new.
 local function commit_spend(key, op, st, reserve)
   local fresh_reservations = false
   if reserve then
@@ -104,7 +134,7 @@ local function commit_spend(key, op, st, reserve)
     if st.rexp == nil or exp < st.rexp then st.rexp = exp end
     if st.rlow == nil or now < st.rlow then st.rlow = now end
   end
-  local extra = {'label', op.label}
+  local extra = {}
   local window = op.wms or op.lookback
   local life = nil
   if window ~= nil then
@@ -113,10 +143,12 @@ local function commit_spend(key, op, st, reserve)
     life = window + 2 * math.max(plan.ttl, 60000) + 1000
     if st.lx == nil or st.lx - now < life - life / 10 then
       st.lx = now + life
-      table.insert(extra, 'lx') table.insert(extra, string.format('%d', st.lx))
+      extra = {'label', op.label, 'lx', int(st.lx)}
     else
       life = nil
     end
+  elseif st.new then
+    extra = {'label', op.label}
   end
   write_spend(key, st, extra)
   st.dirty = false
@@ -164,9 +196,15 @@ for i, op in ipairs(ops) do
   local key = KEYS[i]
   local granted, used, remaining, retry, effect = false, 0, 0, -1, nil
   if op.t == 'tb' then
-    local h = redis.call('HMGET', key, 'u', 'l')
+    -- One string per bucket, '<units> <last>', set with its lifetime: a read and a write,
+    -- as a bare token bucket does.
+    local u, l = nil, nil
+    local v = redis.call('GET', key .. ':b')
+    if v then
+      local a, b = string.match(v, '^(%S+) (%S+)$')
+      u, l = tonumber(a), tonumber(b)
+    end
     local capacity = op.burst * op.per
-    local u, l = num(h[1]), num(h[2])
     local cur = capacity
     if u ~= nil then
       local elapsed = math.max(0, now - l)
@@ -182,10 +220,14 @@ for i, op in ipairs(ops) do
       retry = math.max(1, math.ceil((op.per - cur) / op.limit))
     end
   elseif op.t == 'fw' then
-    local h = redis.call('HMGET', key, 'w', 'c')
+    -- One string per counter, '<window> <count>', set with its lifetime.
     local window = math.floor(now / op.per)
     local taken = 0
-    if num(h[1]) == window then taken = num(h[2]) or 0 end
+    local v = redis.call('GET', key .. ':w')
+    if v then
+      local w, c = string.match(v, '^(%S+) (%S+)$')
+      if tonumber(w) == window then taken = tonumber(c) or 0 end
+    end
     used = taken
     local window_end = (window + 1) * op.per
     if taken < op.limit then
@@ -271,11 +313,9 @@ if plan.commit and not blocked then
     local key = KEYS[i]
     local effect = effects[i]
     if op.t == 'tb' and effect then
-      redis.call('HSET', key, 'u', effect[1], 'l', now)
-      redis.call('PEXPIRE', key, effect[2])
+      redis.call('SET', key .. ':b', int(effect[1]) .. ' ' .. int(now), 'PX', int(effect[2]))
     elseif op.t == 'fw' and effect then
-      redis.call('HSET', key, 'w', effect[1], 'c', effect[2])
-      redis.call('PEXPIRE', key, effect[3])
+      redis.call('SET', key .. ':w', int(effect[1]) .. ' ' .. int(effect[2]), 'PX', int(effect[3]))
     elseif op.t == 'sw' and effect then
       redis.call('ZADD', key, now, now .. ':' .. plan.decision .. ':' .. i)
       redis.call('PEXPIRE', key, op.per + 1000)

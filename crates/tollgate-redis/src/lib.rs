@@ -117,6 +117,10 @@ impl RedisLedger {
     }
 }
 
+/// Arguments before the operations in a call of apply.lua, and arguments per operation.
+const PLAN_HEADER: usize = 6;
+const OP_STRIDE: usize = 7;
+
 fn label(key: &CounterKey<'_>) -> String {
     json!({
         "policy": key.policy,
@@ -203,77 +207,116 @@ impl Restore for RedisLedger {
 
 impl Ledger for RedisLedger {
     fn apply(&self, plan: &Plan<'_>, mode: Apply) -> Result<Vec<OpResult>, LedgerError> {
+        // The plan travels as flat arguments (see apply.lua): no JSON to build here or to
+        // decode in the script, which runs on Redis's one thread.
         let mut keys: Vec<String> = Vec::with_capacity(plan.ops.len() + 2);
-        let mut ops = Vec::with_capacity(plan.ops.len());
+        let mut args: Vec<String> = Vec::with_capacity(PLAN_HEADER + OP_STRIDE * plan.ops.len());
+        args.extend([
+            plan.now.to_string(),
+            plan.reservation_ttl_ms.to_string(),
+            format!("{:032x}", plan.decision),
+            u8::from(mode == Apply::Commit).to_string(),
+            self.prefix.clone(),
+            match &plan.lease {
+                Some(l) => {
+                    let mut lease = json!({"id": format!("{:032x}", l.id), "resource": l.resource, "subject": l.subject});
+                    if let Some(e) = l.expires_at {
+                        lease["exp"] = json!(e);
+                    }
+                    lease.to_string()
+                }
+                None => String::new(),
+            },
+        ]);
+        let text = |v: Option<i64>| v.map_or_else(String::new, |v| v.to_string());
         for op in &plan.ops {
             keys.push(self.counter(&op.key));
-            let mut o = match &op.kind {
+            let (kind, a, b, c, d, label_text) = match &op.kind {
                 OpKind::Rate {
                     algorithm,
                     limit,
                     per_ms,
                     burst,
-                } => json!({
-                    "t": match algorithm { Algorithm::TokenBucket => "tb", Algorithm::FixedWindow => "fw", Algorithm::SlidingWindow => "sw" },
-                    "limit": limit, "per": per_ms, "burst": burst,
-                }),
+                } => {
+                    let kind = match algorithm {
+                        Algorithm::TokenBucket => "tb",
+                        Algorithm::FixedWindow => "fw",
+                        Algorithm::SlidingWindow => "sw",
+                    };
+                    let (limit, burst) = (*limit as i64, *burst as i64);
+                    (
+                        kind,
+                        limit.to_string(),
+                        per_ms.to_string(),
+                        burst.to_string(),
+                        String::new(),
+                        String::new(),
+                    )
+                }
                 OpKind::Spend {
                     window_start,
                     window_ms,
                     limit,
                     amount,
-                } => {
-                    let mut o = json!({"t": "sp", "limit": limit.0, "amount": amount.0, "label": label(&op.key)});
-                    if *window_start != i64::MIN {
-                        o["ws"] = json!(window_start);
-                    }
-                    if let Some(w) = window_ms {
-                        o["wms"] = json!(w);
-                    }
-                    o
-                }
+                } => (
+                    "sp",
+                    limit.0.to_string(),
+                    amount.0.to_string(),
+                    text(Some(*window_start).filter(|w| *w != i64::MIN)),
+                    text(*window_ms),
+                    label(&op.key),
+                ),
                 OpKind::Forecast {
                     lookback_ms,
                     monthly_budget,
-                } => {
-                    json!({"t": "fc", "lookback": lookback_ms, "budget": monthly_budget.0, "label": label(&op.key)})
-                }
-                OpKind::Lease { max, resource } => json!({
-                    "t": "ls", "max": max, "resource": resource,
-                    "by": op.key.by.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                    "values": op.key.values.as_slice(),
-                }),
+                } => (
+                    "fc",
+                    lookback_ms.to_string(),
+                    monthly_budget.0.to_string(),
+                    String::new(),
+                    String::new(),
+                    label(&op.key),
+                ),
+                OpKind::Lease { max, resource } => (
+                    "ls",
+                    max.to_string(),
+                    resource.clone(),
+                    json!(
+                        op.key
+                            .by
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                    )
+                    .to_string(),
+                    json!(op.key.values.as_slice()).to_string(),
+                    String::new(),
+                ),
             };
-            o["enforcing"] = json!(op.enforcing);
-            ops.push(o);
+            args.extend([
+                kind.to_string(),
+                u8::from(op.enforcing).to_string(),
+                a,
+                b,
+                c,
+                d,
+                label_text,
+            ]);
         }
         keys.push(self.decision(plan.decision));
-        let mut doc = json!({
-            "now": plan.now,
-            "ttl": plan.reservation_ttl_ms,
-            "decision": format!("{:032x}", plan.decision),
-            "commit": mode == Apply::Commit,
-            "prefix": self.prefix,
-            "ops": ops,
+        keys.push(match &plan.lease {
+            Some(l) => self.lease(l.id),
+            None => format!("{}:l:none", self.prefix),
         });
-        match &plan.lease {
-            Some(l) => {
-                keys.push(self.lease(l.id));
-                let mut lease = json!({"id": format!("{:032x}", l.id), "resource": l.resource, "subject": l.subject});
-                if let Some(e) = l.expires_at {
-                    lease["exp"] = json!(e);
-                }
-                doc["lease"] = lease;
-            }
-            None => keys.push(format!("{}:l:none", self.prefix)),
-        }
-        let arg = doc.to_string();
         let rows: Vec<Vec<i64>> = self.with(|c| {
             let mut inv = self.apply.prepare_invoke();
             for k in &keys {
                 inv.key(k);
             }
-            inv.arg(&arg).invoke(c)
+            for a in &args {
+                inv.arg(a);
+            }
+            inv.invoke(c)
         })?;
         Ok(rows
             .into_iter()
