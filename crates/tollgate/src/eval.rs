@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use smallvec::SmallVec;
+
 use crate::decision::{Alert, Code, Decision, Remaining, TraceEntry};
 use crate::expr::{self, Expr};
 use crate::ledger::{Apply, CounterKey, Ledger, LedgerError, NewLease, Op, OpKind, OpResult, Plan};
@@ -207,8 +209,13 @@ pub(crate) fn decide(
         notes: Vec::new(),
     };
 
-    let mut entries: Vec<Entry<'_>> = Vec::new();
-    let mut ops: Vec<Op<'_>> = Vec::new();
+    let rule_count = order
+        .iter()
+        .map(|&p| set.policies[p as usize].rules.len())
+        .sum::<usize>()
+        + inputs.run_rules.len();
+    let mut entries: SmallVec<[Entry<'_>; 16]> = SmallVec::with_capacity(rule_count);
+    let mut ops: Vec<Op<'_>> = Vec::with_capacity(rule_count);
     let mut stateless_denial = false;
     let rules = order
         .iter()

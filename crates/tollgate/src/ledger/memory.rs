@@ -38,9 +38,12 @@ struct Spend {
     reserved_sum: i64,
 }
 
+/// 32 bytes: one is kept per budget and unrecorded decision for the reservation TTL.
 #[derive(Debug, Clone, Copy)]
 struct Reservation {
-    decision: u128,
+    /// The decision id's low half (random per engine, so unique among a counter's live
+    /// reservations; `at` is compared too).
+    decision: u64,
     at: i64,
     amount: i64,
     expires: i64,
@@ -89,12 +92,13 @@ impl Spend {
     }
 
     /// Drops a decision's reservation (searching from the newest: records come soon).
-    fn unreserve(&mut self, decision: u128) {
+    fn unreserve(&mut self, decision: u128, at: i64) {
+        let low = decision as u64;
         if let Some(r) = self
             .reservations
             .iter_mut()
             .rev()
-            .find(|r| r.decision == decision)
+            .find(|r| r.decision == low && r.at == at)
         {
             self.reserved_sum -= r.amount;
             r.amount = 0;
@@ -382,7 +386,7 @@ impl MemoryLedger {
             });
             if let State::Spend(spend) = &mut counter.state {
                 if let Some(d) = decision {
-                    spend.unreserve(d);
+                    spend.unreserve(d, at);
                 }
                 if cost.0 != 0 {
                     spend.add_event(at, cost.0);
@@ -803,7 +807,7 @@ impl Ledger for MemoryLedger {
                     let expires = now + plan.reservation_ttl_ms;
                     if amount > 0 {
                         spend.reserve(Reservation {
-                            decision: plan.decision,
+                            decision: plan.decision as u64,
                             at: now,
                             amount,
                             expires,

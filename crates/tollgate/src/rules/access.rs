@@ -2,7 +2,8 @@
 //! constrained (unless `default: deny`); every value of the request's `label_keys`
 //! labels must be in the subject's clearance list. No labels, no constraint.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
+use smallvec::SmallVec;
 
 use crate::decision::Code;
 use crate::eval::EvalCtx;
@@ -15,7 +16,7 @@ pub(crate) const FIELDS: &[&str] = &["subject", "clearances", "label_keys", "def
 
 pub(crate) struct Access {
     subject: Dimension,
-    clearances: HashMap<String, Vec<String>>,
+    clearances: FxHashMap<String, Vec<String>>,
     label_keys: Vec<String>,
     default_allow: bool,
 }
@@ -38,7 +39,7 @@ impl Access {
         let clearances = input.required("clearances").and_then(|n| {
             let at = input.at("clearances");
             let entries = reader::entries(n, &at, input.d)?;
-            let mut map = HashMap::new();
+            let mut map = FxHashMap::default();
             let mut ok = true;
             for (k, v) in entries {
                 match reader::string_list(v, &at.field(&k.name), input.d) {
@@ -69,7 +70,7 @@ impl Access {
 
     pub(crate) fn evaluate(&self, ctx: &mut EvalCtx<'_>) -> Verdict<'static> {
         let request = ctx.request;
-        let labels: Vec<(&str, &str)> = self
+        let labels: SmallVec<[(&str, &str); 4]> = self
             .label_keys
             .iter()
             .filter_map(|k| request.labels.get(k).map(|v| (k.as_str(), v.as_str())))
