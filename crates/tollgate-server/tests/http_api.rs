@@ -251,6 +251,31 @@ async fn decisions_records_leases_runs_and_errors() {
     assert_eq!(status, 404);
 
     // operations
+    // Allowed decisions are counted through per-thread handles: each one counts once.
+    let allowed_checks = || async {
+        let text = c
+            .get(server.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find(|l| {
+                l.starts_with(
+                    "tollgate_decisions_total{code=\"ALLOWED\",rule=\"\",endpoint=\"check\"}",
+                )
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = allowed_checks().await;
+    for user in ["m1", "m2", "m3"] {
+        let r = check(json!({"subject": {"user": user}})).await.unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+    }
+    assert_eq!(allowed_checks().await, before + 3);
     assert_eq!(status_of(c.get(server.url("/healthz"))).await, 200);
     assert_eq!(status_of(c.get(server.url("/readyz"))).await, 200);
     let metrics = c
