@@ -23,48 +23,46 @@ u = math.min(cap, u + (now - l) * rate)
 if u >= 1 then redis.call('HSET', KEYS[1], 'u', u - 1, 'l', now) return 1 end
 return 0";
 
-/// Commands sent by clients (not those run inside scripts): EVALSHA, EVAL, SCRIPT LOAD
-/// and every plain command, from `INFO commandstats`, less those scripts call.
-fn round_trips(url: &str) -> u64 {
-    let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query(&mut c)
-        .unwrap();
-    info.lines()
-        .filter(|l| {
-            [
-                "cmdstat_evalsha:",
-                "cmdstat_eval:",
-                "cmdstat_script|load:",
-                "cmdstat_script:",
-            ]
-            .iter()
-            .any(|p| l.starts_with(p))
-        })
-        .filter_map(|l| {
-            l.split("calls=")
-                .nth(1)?
-                .split(',')
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum()
+/// What `INFO commandstats` says of script calls so far: how many were sent by clients
+/// (EVALSHA, EVAL, SCRIPT LOAD — each a round trip; commands run inside scripts are not
+/// among them) and the microseconds Redis spent in EVALSHA (the scripts' own cost,
+/// without the client's or the network's).
+struct ScriptStats {
+    calls: u64,
+    evalsha_usec: u64,
 }
 
-/// Microseconds Redis has spent in EVALSHA so far (`INFO commandstats`): the script's
-/// own cost, without the client's or the network's.
-fn script_usec(url: &str) -> u64 {
+fn script_stats(url: &str) -> ScriptStats {
     let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
         .query(&mut c)
         .unwrap();
-    info.lines()
-        .find(|l| l.starts_with("cmdstat_evalsha:"))
-        .and_then(|l| l.split("usec=").nth(1)?.split(',').next()?.parse().ok())
-        .unwrap_or(0)
+    let field = |line: &str, name: &str| -> u64 {
+        line.split(name)
+            .nth(1)
+            .and_then(|v| v.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut stats = ScriptStats {
+        calls: 0,
+        evalsha_usec: 0,
+    };
+    for line in info.lines() {
+        let Some(command) = line
+            .strip_prefix("cmdstat_")
+            .and_then(|l| l.split(':').next())
+        else {
+            continue;
+        };
+        if ["evalsha", "eval", "script|load", "script"].contains(&command) {
+            stats.calls += field(line, "calls=");
+        }
+        if command == "evalsha" {
+            stats.evalsha_usec = field(line, "usec=");
+        }
+    }
+    stats
 }
 
 fn main() {
@@ -75,7 +73,7 @@ fn main() {
 
     // Baseline: the bare Lua token bucket, one EVALSHA per call.
     let script = Script::new(BUCKET);
-    let usec_before = script_usec(&url);
+    let stats_before = script_stats(&url);
     let start = Instant::now();
     std::thread::scope(|s| {
         for t in 0..THREADS {
@@ -93,7 +91,8 @@ fn main() {
         }
     });
     let baseline = (THREADS * PER_THREAD) as f64 / start.elapsed().as_secs_f64();
-    let baseline_usec = (script_usec(&url) - usec_before) as f64 / (THREADS * PER_THREAD) as f64;
+    let baseline_usec = (script_stats(&url).evalsha_usec - stats_before.evalsha_usec) as f64
+        / (THREADS * PER_THREAD) as f64;
 
     // tollgate, on the same work as the baseline (one token-bucket rate rule), then on a
     // policy with a rate limit, a budget and a cost velocity per user.
@@ -121,8 +120,7 @@ fn main() {
             .ledger(ledger.clone())
             .build_from_text(policy)
             .unwrap();
-        let before = round_trips(&url);
-        let usec_before = script_usec(&url);
+        let before = script_stats(&url);
         let start = Instant::now();
         std::thread::scope(|s| {
             for t in 0..THREADS {
@@ -140,8 +138,9 @@ fn main() {
         });
         let decisions = (THREADS * PER_THREAD) as f64;
         let rate = decisions / start.elapsed().as_secs_f64();
-        let per_decision = (round_trips(&url) - before) as f64 / decisions;
-        let usec = (script_usec(&url) - usec_before) as f64 / decisions;
+        let after = script_stats(&url);
+        let per_decision = (after.calls - before.calls) as f64 / decisions;
+        let usec = (after.evalsha_usec - before.evalsha_usec) as f64 / decisions;
         println!(
             "tollgate decisions, {name}: {rate:.0} decisions/s, ratio {:.2}, {usec:.1} µs in Redis per decision, {per_decision:.2} round trips per decision",
             rate / baseline

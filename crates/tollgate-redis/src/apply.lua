@@ -188,6 +188,18 @@ local function retry_after(key, ws, wms, used, amount, limit)
   return -1
 end
 
+-- Rate counters are one string of two integers, '<a> <b>', written with SET … PX.
+local function get_pair(key)
+  local v = redis.call('GET', key)
+  if not v then return nil, nil end
+  local a, b = string.match(v, '^(%S+) (%S+)$')
+  return tonumber(a), tonumber(b)
+end
+
+local function set_pair(key, a, b, ttl)
+  redis.call('SET', key, int(a) .. ' ' .. int(b), 'PX', int(ttl))
+end
+
 local results = {}
 local effects = {}
 local states = {}
@@ -198,12 +210,7 @@ for i, op in ipairs(ops) do
   if op.t == 'tb' then
     -- One string per bucket, '<units> <last>', set with its lifetime: a read and a write,
     -- as a bare token bucket does.
-    local u, l = nil, nil
-    local v = redis.call('GET', key .. ':b')
-    if v then
-      local a, b = string.match(v, '^(%S+) (%S+)$')
-      u, l = tonumber(a), tonumber(b)
-    end
+    local u, l = get_pair(key .. ':b')
     local capacity = op.burst * op.per
     local cur = capacity
     if u ~= nil then
@@ -223,11 +230,8 @@ for i, op in ipairs(ops) do
     -- One string per counter, '<window> <count>', set with its lifetime.
     local window = math.floor(now / op.per)
     local taken = 0
-    local v = redis.call('GET', key .. ':w')
-    if v then
-      local w, c = string.match(v, '^(%S+) (%S+)$')
-      if tonumber(w) == window then taken = tonumber(c) or 0 end
-    end
+    local w, c = get_pair(key .. ':w')
+    if w == window then taken = c or 0 end
     used = taken
     local window_end = (window + 1) * op.per
     if taken < op.limit then
@@ -313,9 +317,9 @@ if plan.commit and not blocked then
     local key = KEYS[i]
     local effect = effects[i]
     if op.t == 'tb' and effect then
-      redis.call('SET', key .. ':b', int(effect[1]) .. ' ' .. int(now), 'PX', int(effect[2]))
+      set_pair(key .. ':b', effect[1], now, effect[2])
     elseif op.t == 'fw' and effect then
-      redis.call('SET', key .. ':w', int(effect[1]) .. ' ' .. int(effect[2]), 'PX', int(effect[3]))
+      set_pair(key .. ':w', effect[1], effect[2], effect[3])
     elseif op.t == 'sw' and effect then
       redis.call('ZADD', key, now, now .. ':' .. plan.decision .. ':' .. i)
       redis.call('PEXPIRE', key, op.per + 1000)

@@ -243,7 +243,6 @@ impl Ledger for RedisLedger {
                         Algorithm::FixedWindow => "fw",
                         Algorithm::SlidingWindow => "sw",
                     };
-                    let (limit, burst) = (*limit as i64, *burst as i64);
                     (
                         kind,
                         limit.to_string(),
