@@ -103,9 +103,11 @@ impl RedisLedger {
 
     /// The Redis key of a counter: the same in every process.
     fn counter(&self, key: &CounterKey<'_>) -> String {
-        let mut parts: Vec<&str> = vec![key.policy, key.rule];
+        let mut parts: Vec<&str> = Vec::with_capacity(2 + key.values.len());
+        parts.extend([key.policy, key.rule]);
         parts.extend(key.values.iter().copied());
-        format!("{}:c:{}", self.prefix, Value::from(parts))
+        let parts = serde_json::to_string(&parts).expect("strings serialise");
+        format!("{}:c:{parts}", self.prefix)
     }
 
     fn decision(&self, id: u128) -> String {
@@ -229,8 +231,9 @@ impl Ledger for RedisLedger {
             },
         ]);
         let text = |v: Option<i64>| v.map_or_else(String::new, |v| v.to_string());
+        let mut spends = false;
         for op in &plan.ops {
-            keys.push(self.counter(&op.key));
+            let mut key = self.counter(&op.key);
             let (kind, a, b, c, d, label_text) = match &op.kind {
                 OpKind::Rate {
                     algorithm,
@@ -243,6 +246,12 @@ impl Ledger for RedisLedger {
                         Algorithm::FixedWindow => "fw",
                         Algorithm::SlidingWindow => "sw",
                     };
+                    // a bucket's and a window's one string key (see apply.lua)
+                    match algorithm {
+                        Algorithm::TokenBucket => key.push_str(":b"),
+                        Algorithm::FixedWindow => key.push_str(":w"),
+                        Algorithm::SlidingWindow => {}
+                    }
                     (
                         kind,
                         limit.to_string(),
@@ -292,6 +301,8 @@ impl Ledger for RedisLedger {
                     String::new(),
                 ),
             };
+            spends |= matches!(op.kind, OpKind::Spend { .. } | OpKind::Forecast { .. });
+            keys.push(key);
             args.extend([
                 kind.to_string(),
                 u8::from(op.enforcing).to_string(),
@@ -302,12 +313,15 @@ impl Ledger for RedisLedger {
                 label_text,
             ]);
         }
-        keys.push(self.decision(plan.decision));
-        keys.push(match &plan.lease {
-            Some(l) => self.lease(l.id),
-            None => format!("{}:l:none", self.prefix),
-        });
-        let rows: Vec<Vec<i64>> = self.with(|c| {
+        // the decision record when something spends, the lease record when one is taken
+        if spends {
+            keys.push(self.decision(plan.decision));
+        }
+        if let Some(l) = &plan.lease {
+            keys.push(self.lease(l.id));
+        }
+        // Four numbers per operation: granted, used, remaining, retry after (-1: none).
+        let flat: Vec<i64> = self.with(|c| {
             let mut inv = self.apply.prepare_invoke();
             for k in &keys {
                 inv.key(k);
@@ -317,13 +331,20 @@ impl Ledger for RedisLedger {
             }
             inv.invoke(c)
         })?;
-        Ok(rows
-            .into_iter()
+        if flat.len() != 4 * plan.ops.len() {
+            return Err(LedgerError(format!(
+                "redis: apply.lua answered {} numbers for {} operations",
+                flat.len(),
+                plan.ops.len()
+            )));
+        }
+        Ok(flat
+            .chunks_exact(4)
             .map(|r| OpResult {
-                granted: r.first() == Some(&1),
-                used: r.get(1).copied().unwrap_or(0),
-                remaining: r.get(2).copied().unwrap_or(0),
-                retry_after_ms: r.get(3).copied().filter(|v| *v >= 0).map(|v| v as u64),
+                granted: r[0] == 1,
+                used: r[1],
+                remaining: r[2],
+                retry_after_ms: u64::try_from(r[3]).ok(),
             })
             .collect())
     }

@@ -84,3 +84,55 @@ fn scenario_files_pass_on_redis() {
         failures.join("\n")
     );
 }
+
+/// A token bucket's key lives until its bucket is full again, and its lifetime is set
+/// only when it must grow (`KEEPTTL` otherwise): the deadline kept in the value is the
+/// key's, and a take that the deadline covers leaves the lifetime as it was.
+#[test]
+fn rate_keys_lapse_when_full_and_keep_lifetimes_that_cover_them() {
+    let Some(url) = url() else { return };
+    let prefix = format!("{}:0", namespace("lifetimes"));
+    let clock = Arc::new(tollgate::ManualClock::new(1_000_000));
+    let engine = tollgate::Engine::builder()
+        .clock(clock.clone())
+        .ledger(Arc::new(RedisLedger::connect(&url, &prefix, 1).unwrap()))
+        .build_from_text(
+            "policies: [{name: p, rules: [{id: rps, type: rate, limit: 1000, per: 1s, by: [user]}]}]",
+        )
+        .unwrap();
+    let mut redis = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let key = format!(r#"{prefix}:c:["p","rps","u1"]:b"#);
+    let mut read = || -> (i64, i64) {
+        let value: String = redis::cmd("GET").arg(&key).query(&mut redis).unwrap();
+        let deadline = value.rsplit(' ').next().unwrap().parse().unwrap();
+        let ttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut redis).unwrap();
+        (deadline, ttl)
+    };
+    let mut request = tollgate::Request::default();
+    request.subject.user = Some("u1".into());
+
+    // one token of 1000 refills in 1 ms: full again 1 ms after the take, plus a second
+    // of grace and a second of room
+    assert!(engine.check(&request).allowed);
+    let (deadline, ttl) = read();
+    assert_eq!(deadline, 1_000_000 + 1 + 1000 + 1000);
+    assert!(ttl > 1500 && ttl <= 2001, "{ttl}");
+
+    // a take 5 ms later needs the key until 1_000_006 + 1000: covered, so kept
+    clock.advance(5);
+    assert!(engine.check(&request).allowed);
+    let (kept, ttl_after) = read();
+    assert_eq!(kept, deadline);
+    assert!(ttl_after <= ttl, "lifetime set again: {ttl} → {ttl_after}");
+
+    // 1.5 s later the deadline no longer covers the key: a new lifetime
+    clock.advance(1500);
+    assert!(engine.check(&request).allowed);
+    let (moved, ttl) = read();
+    assert_eq!(moved, 1_001_505 + 1 + 1000 + 1000);
+    assert!(ttl > 1500 && ttl <= 2001, "{ttl}");
+    cleanup(&url, "lifetimes");
+}
