@@ -1,10 +1,12 @@
 //! Decisions per second through the Redis ledger against a same-run baseline: a bare
 //! token-bucket Lua script called by SHA on the same kind of connection, and the number
-//! of Redis commands (round trips) per decision.
+//! of Redis commands (round trips) per decision. Baseline and tollgate alternate over
+//! several rounds and the median ratio is reported: this machine's speed drifts within
+//! seconds.
 //!
 //! `cargo run --release -p tollgate-redis --example redis_bench -- redis://127.0.0.1:6379`
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use redis::Script;
@@ -13,6 +15,7 @@ use tollgate_redis::RedisLedger;
 
 const THREADS: usize = 2;
 const PER_THREAD: usize = 20_000;
+const ROUNDS: usize = 5;
 
 const BUCKET: &str = r"
 local h = redis.call('HMGET', KEYS[1], 'u', 'l')
@@ -65,34 +68,63 @@ fn script_stats(url: &str) -> ScriptStats {
     stats
 }
 
+/// Calls per second and microseconds spent in Redis per call.
+struct Run {
+    rate: f64,
+    usec: f64,
+    round_trips: f64,
+}
+
+/// Runs `call(thread, i)` PER_THREAD times on each of THREADS threads.
+fn measure(url: &str, call: impl Fn(usize, usize) + Sync) -> Run {
+    let before = script_stats(url);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let call = &call;
+            s.spawn(move || (0..PER_THREAD).for_each(|i| call(t, i)));
+        }
+    });
+    let calls = (THREADS * PER_THREAD) as f64;
+    let rate = calls / start.elapsed().as_secs_f64();
+    let after = script_stats(url);
+    Run {
+        rate,
+        usec: (after.evalsha_usec - before.evalsha_usec) as f64 / calls,
+        round_trips: (after.calls - before.calls) as f64 / calls,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 fn main() {
     let url = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "redis://127.0.0.1:6379".into());
     let prefix = format!("tollgate-bench:{}", std::process::id());
 
-    // Baseline: the bare Lua token bucket, one EVALSHA per call.
+    // Baseline: the bare Lua token bucket, one EVALSHA per call, on a connection per thread.
     let script = Script::new(BUCKET);
-    let stats_before = script_stats(&url);
-    let start = Instant::now();
-    std::thread::scope(|s| {
-        for t in 0..THREADS {
-            let (url, script, prefix) = (&url, &script, &prefix);
-            s.spawn(move || {
-                let mut c = redis::Client::open(url.as_str())
+    let connections: Vec<_> = (0..THREADS)
+        .map(|_| {
+            Mutex::new(
+                redis::Client::open(url.as_str())
                     .unwrap()
                     .get_connection()
-                    .unwrap();
-                for i in 0..PER_THREAD {
-                    let key = format!("{prefix}:base:{}", (t * PER_THREAD + i) % 1000);
-                    let _: i64 = script.key(key).arg(i as i64).invoke(&mut c).unwrap();
-                }
-            });
-        }
-    });
-    let baseline = (THREADS * PER_THREAD) as f64 / start.elapsed().as_secs_f64();
-    let baseline_usec = (script_stats(&url).evalsha_usec - stats_before.evalsha_usec) as f64
-        / (THREADS * PER_THREAD) as f64;
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let baseline = || {
+        measure(&url, |t, i| {
+            let key = format!("{prefix}:base:{}", (t * PER_THREAD + i) % 1000);
+            let mut c = connections[t].lock().unwrap();
+            let _: i64 = script.key(key).arg(i as i64).invoke(&mut *c).unwrap();
+        })
+    };
 
     // tollgate, on the same work as the baseline (one token-bucket rate rule), then on a
     // policy with a rate limit, a budget and a cost velocity per user.
@@ -111,39 +143,48 @@ fn main() {
         ),
     ];
     let ledger = Arc::new(RedisLedger::connect(&url, &prefix, THREADS * 2).unwrap());
-    println!(
-        "bare Lua token bucket (EVALSHA): {baseline:.0} calls/s, {baseline_usec:.1} µs in Redis per call"
-    );
-    for (name, policy) in policies {
-        let engine = Engine::builder()
-            .clock(Arc::new(SystemClock))
-            .ledger(ledger.clone())
-            .build_from_text(policy)
-            .unwrap();
-        let before = script_stats(&url);
-        let start = Instant::now();
-        std::thread::scope(|s| {
-            for t in 0..THREADS {
-                let engine = &engine;
-                s.spawn(move || {
-                    for i in 0..PER_THREAD {
-                        let mut r = Request::default();
-                        r.subject.user = Some(format!("u{}", (t * PER_THREAD + i) % 1000));
-                        r.subject.team = Some(format!("t{}", i % 10));
-                        r.estimate.cost_usd = Some(Micros(10));
-                        assert!(engine.check(&r).allowed);
-                    }
-                });
-            }
-        });
-        let decisions = (THREADS * PER_THREAD) as f64;
-        let rate = decisions / start.elapsed().as_secs_f64();
-        let after = script_stats(&url);
-        let per_decision = (after.calls - before.calls) as f64 / decisions;
-        let usec = (after.evalsha_usec - before.evalsha_usec) as f64 / decisions;
+    let engines: Vec<Engine> = policies
+        .iter()
+        .map(|(_, policy)| {
+            Engine::builder()
+                .clock(Arc::new(SystemClock))
+                .ledger(ledger.clone())
+                .build_from_text(policy)
+                .unwrap()
+        })
+        .collect();
+    let decide = |engine: &Engine| {
+        measure(&url, |t, i| {
+            let mut r = Request::default();
+            r.subject.user = Some(format!("u{}", (t * PER_THREAD + i) % 1000));
+            r.subject.team = Some(format!("t{}", i % 10));
+            r.estimate.cost_usd = Some(Micros(10));
+            assert!(engine.check(&r).allowed);
+        })
+    };
+    let mut ratios = vec![Vec::new(); policies.len()];
+    for round in 1..=ROUNDS {
+        let base = baseline();
         println!(
-            "tollgate decisions, {name}: {rate:.0} decisions/s, ratio {:.2}, {usec:.1} µs in Redis per decision, {per_decision:.2} round trips per decision",
-            rate / baseline
+            "round {round}: bare Lua token bucket (EVALSHA): {:.0} calls/s, {:.1} µs in Redis per call",
+            base.rate, base.usec
+        );
+        for ((name, _), (engine, ratios)) in policies.iter().zip(engines.iter().zip(&mut ratios)) {
+            let run = decide(engine);
+            ratios.push(run.rate / base.rate);
+            println!(
+                "round {round}: tollgate, {name}: {:.0} decisions/s, ratio {:.2}, {:.1} µs in Redis per decision, {:.2} round trips per decision",
+                run.rate,
+                run.rate / base.rate,
+                run.usec,
+                run.round_trips
+            );
+        }
+    }
+    for ((name, _), ratios) in policies.iter().zip(ratios) {
+        println!(
+            "median ratio over {ROUNDS} rounds, {name}: {:.2}",
+            median(ratios)
         );
     }
     ledger.delete_all().unwrap();

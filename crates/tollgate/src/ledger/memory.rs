@@ -22,7 +22,9 @@ use crate::money::Micros;
 use crate::request::{Dimension, Subject};
 
 const SHARDS: usize = 64;
-const SWEEP_EVERY: u32 = 4096;
+/// Inserts between sweeps at least (more when a shard is large, so a sweep's cost per
+/// insert stays bounded); small in unit tests so that they sweep.
+const SWEEP_EVERY: u32 = if cfg!(test) { 64 } else { 4096 };
 const DAY_MS: i128 = 86_400_000;
 
 #[derive(Debug, Default)]
@@ -856,7 +858,9 @@ impl Ledger for MemoryLedger {
         if !sinks.is_empty() {
             let mut d = self.decisions[shard_of(plan.decision)].lock();
             d.inserts += 1;
-            if d.inserts >= SWEEP_EVERY {
+            // A sweep visits every record of the shard: at most two visits per insert
+            // however many records the retention holds.
+            if d.inserts >= SWEEP_EVERY.max(d.map.len() as u32 / 2) {
                 d.inserts = 0;
                 d.map.retain(|_, r| r.retain_until > now);
             }
@@ -956,5 +960,53 @@ impl Ledger for MemoryLedger {
         }
         out.sort_by(|a, b| (&a.policy, &a.rule, &a.key).cmp(&(&b.policy, &b.rule, &b.key)));
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::MemoryLedger;
+    use crate::{Engine, ManualClock, Micros, Request};
+
+    impl MemoryLedger {
+        fn decision_records(&self) -> usize {
+            self.decisions.iter().map(|d| d.lock().map.len()).sum()
+        }
+    }
+
+    /// Decision records are kept for twice the reservation TTL, then swept: under a steady
+    /// stream of checks their number stays near what the retention holds.
+    #[test]
+    fn decision_records_are_swept_after_their_retention() {
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let ledger = Arc::new(MemoryLedger::new());
+        let engine = Engine::builder()
+            .clock(clock.clone())
+            .ledger(ledger.clone())
+            .build_from_text(
+                "policies: [{name: p, rules: [{id: b, type: budget, limit_usd: 1000000, period: day}]}]",
+            )
+            .unwrap();
+        let mut request = Request::default();
+        request.estimate.cost_usd = Some(Micros(1));
+        const PER_MINUTE: usize = 640;
+        for _minute in 0..100 {
+            for _ in 0..PER_MINUTE {
+                assert!(engine.check(&request).allowed);
+            }
+            clock.advance(60_000);
+        }
+        // retention: 2 × the 15-minute reservation TTL, so 30 minutes of decisions are
+        // live; a shard keeps expired ones until it has had max(64, len/2) more inserts
+        let live = 31 * PER_MINUTE;
+        let records = ledger.decision_records();
+        assert!(
+            records <= live + live / 2 + 64 * 64,
+            "{records} records for {live} live ones (100 minutes made {})",
+            100 * PER_MINUTE
+        );
+        assert!(records >= 30 * PER_MINUTE, "live records swept: {records}");
     }
 }
