@@ -41,7 +41,7 @@ for i = 1, n do
   if t == 'sp' or t == 'fc' then has_spend = true end
 end
 local DAY = 86400000
-local num, spend, int, write_spend, commit_spend, retry_after, SPEND_FIELDS, BOUNDS
+local num, each_batch, spend, int, write_spend, commit_spend, retry_after, SPEND_FIELDS, BOUNDS
 if has_spend then
   num = function(x) if x == false or x == nil then return nil end return tonumber(x) end
 
@@ -53,6 +53,20 @@ if has_spend then
   -- lx, when the counter's keys lapse (their lifetimes are refreshed from it).
   SPEND_FIELDS = {'esum', 'folded', 'rsum', 'elow', 'rexp', 'rlow', 'lx'}
 
+  -- Calls f with the members of zset `key` scored in [min, max], a thousand at a time
+  -- (Lua's unpack takes no more than a few thousand values), removing each batch after
+  -- f when `remove`.
+  each_batch = function(key, min, max, remove, f)
+    local offset = 0
+    while true do
+      local batch = redis.call('ZRANGEBYSCORE', key, min, max, 'LIMIT', offset, 1000)
+      if #batch == 0 then return end
+      f(batch)
+      if remove then redis.call('ZREM', key, unpack(batch)) else offset = offset + #batch end
+      if #batch < 1000 then return end
+    end
+  end
+
   -- Reads a spend counter's sums (one HMGET) and answers spend since ws (nil: all of it):
   -- recorded events before a finite window are folded, expired reservations dropped.
   -- Returns the amount in use and the counter's state for the commit.
@@ -63,15 +77,13 @@ if has_spend then
       elow = num(h[4]), rexp = num(h[5]), rlow = num(h[6]), lx = num(h[7]),
       new = h[1] == false and h[2] == false and h[3] == false}
     if ws ~= nil and st.elow ~= nil and st.elow < ws then
-      local old = redis.call('ZRANGEBYSCORE', key .. ':ev', '-inf', '(' .. ws)
-      if #old > 0 then
+      each_batch(key .. ':ev', '-inf', '(' .. ws, true, function(old)
         local folded = 0
         for _, d in ipairs(redis.call('HMGET', key .. ':am', unpack(old))) do folded = folded + (num(d) or 0) end
         st.folded = st.folded + folded
         st.esum = st.esum - folded
-        redis.call('ZREMRANGEBYSCORE', key .. ':ev', '-inf', '(' .. ws)
         redis.call('HDEL', key .. ':am', unpack(old))
-      end
+      end)
       local first = redis.call('ZRANGE', key .. ':ev', 0, 0, 'WITHSCORES')
       st.elow = tonumber(first[2])
       st.dirty = true
@@ -80,15 +92,13 @@ if has_spend then
     if ws == nil then total = total + st.folded end
     if not reservations then return total, st end
     if st.rexp ~= nil and st.rexp <= now then
-      local expired = redis.call('ZRANGEBYSCORE', key .. ':rv', '-inf', now)
-      if #expired > 0 then
+      each_batch(key .. ':rv', '-inf', now, true, function(expired)
         local gone = 0
         for _, a in ipairs(redis.call('HMGET', key .. ':ra', unpack(expired))) do gone = gone + (num(a) or 0) end
         st.rsum = st.rsum - gone
-        redis.call('ZREMRANGEBYSCORE', key .. ':rv', '-inf', now)
         redis.call('ZREM', key .. ':rat', unpack(expired))
         redis.call('HDEL', key .. ':ra', unpack(expired))
-      end
+      end)
       local first = redis.call('ZRANGE', key .. ':rv', 0, 0, 'WITHSCORES')
       st.rexp = tonumber(first[2])
       if st.rexp == nil then st.rlow = nil end
@@ -97,10 +107,12 @@ if has_spend then
     total = total + st.rsum
     if ws ~= nil and st.rlow ~= nil and st.rlow < ws then
       -- reservations from before the window (a period that just turned) do not count
-      local before = redis.call('ZRANGEBYSCORE', key .. ':rat', '-inf', '(' .. ws)
-      if #before > 0 then
+      local any = false
+      each_batch(key .. ':rat', '-inf', '(' .. ws, false, function(before)
+        any = true
         for _, a in ipairs(redis.call('HMGET', key .. ':ra', unpack(before))) do total = total - (num(a) or 0) end
-      else
+      end)
+      if not any then
         st.rlow = ws
         st.dirty = true
       end

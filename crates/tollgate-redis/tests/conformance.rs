@@ -136,3 +136,62 @@ fn rate_keys_lapse_when_full_and_keep_lifetimes_that_cover_them() {
     assert!(ttl > 1500 && ttl <= 2001, "{ttl}");
     cleanup(&url, "lifetimes");
 }
+
+/// Thousands of reservations lapsing together (a burst of checks never recorded) are
+/// dropped in one check, however many: more than a Lua `unpack` takes at once.
+#[test]
+fn a_burst_of_lapsed_reservations_is_dropped_at_once() {
+    let Some(url) = url() else { return };
+    let clock = Arc::new(tollgate::ManualClock::new(1_000_000));
+    let engine = tollgate::Engine::builder()
+        .clock(clock.clone())
+        .ledger(Arc::new(fresh(&url, "burst")))
+        .build_from_text(
+            "policies: [{name: p, rules: [{id: b, type: budget, limit_usd: 1000, period: total}]}]",
+        )
+        .unwrap();
+    let mut request = tollgate::Request::default();
+    request.estimate.cost_usd = Some(tollgate::Micros(1));
+    const BURST: usize = 9_000;
+    for _ in 0..BURST {
+        assert!(engine.check(&request).allowed);
+    }
+    let reserved = |engine: &tollgate::Engine| engine.usage(None).unwrap()[0].reserved_usd;
+    assert_eq!(reserved(&engine), tollgate::Micros(BURST as i64));
+    // past the 15-minute reservation TTL every one of them lapses
+    clock.advance(15 * 60_000 + 1);
+    let decision = engine.check(&request);
+    assert!(decision.allowed, "{decision:?}");
+    assert_eq!(reserved(&engine), tollgate::Micros(1));
+    cleanup(&url, "burst");
+}
+
+/// Thousands of recorded costs leaving a rolling window together are folded in one check.
+#[test]
+fn a_burst_of_spend_leaving_its_window_is_folded_at_once() {
+    let Some(url) = url() else { return };
+    let clock = Arc::new(tollgate::ManualClock::new(1_000_000));
+    let engine = tollgate::Engine::builder()
+        .clock(clock.clone())
+        .ledger(Arc::new(fresh(&url, "fold")))
+        .build_from_text(
+            "policies: [{name: p, rules: [{id: b, type: budget, limit_usd: 1000, period: 'rolling:1h'}]}]",
+        )
+        .unwrap();
+    let request = tollgate::Request::default();
+    const BURST: i64 = 9_000;
+    for _ in 0..BURST {
+        let decision = engine.check(&request);
+        assert!(decision.allowed);
+        engine
+            .record(&decision.decision_id, tollgate::Micros(1))
+            .unwrap();
+    }
+    let spent = |engine: &tollgate::Engine| engine.usage(None).unwrap()[0].spent_usd;
+    assert_eq!(spent(&engine), tollgate::Micros(BURST));
+    clock.advance(3_600_000 + 1);
+    let decision = engine.check(&request);
+    assert!(decision.allowed, "{decision:?}");
+    assert_eq!(spent(&engine), tollgate::Micros(0));
+    cleanup(&url, "fold");
+}
