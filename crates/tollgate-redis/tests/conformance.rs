@@ -35,6 +35,17 @@ fn cleanup(url: &str, test: &str) {
         .unwrap();
 }
 
+/// An engine over `ledger` on a manual clock that starts at 1,000,000 ms.
+fn engine(ledger: RedisLedger, policy: &str) -> (tollgate::Engine, Arc<tollgate::ManualClock>) {
+    let clock = Arc::new(tollgate::ManualClock::new(1_000_000));
+    let engine = tollgate::Engine::builder()
+        .clock(clock.clone())
+        .ledger(Arc::new(ledger))
+        .build_from_text(policy)
+        .unwrap();
+    (engine, clock)
+}
+
 #[test]
 fn redis_ledger_conforms() {
     let Some(url) = url() else { return };
@@ -92,14 +103,10 @@ fn scenario_files_pass_on_redis() {
 fn rate_keys_lapse_when_full_and_keep_lifetimes_that_cover_them() {
     let Some(url) = url() else { return };
     let prefix = format!("{}:0", namespace("lifetimes"));
-    let clock = Arc::new(tollgate::ManualClock::new(1_000_000));
-    let engine = tollgate::Engine::builder()
-        .clock(clock.clone())
-        .ledger(Arc::new(RedisLedger::connect(&url, &prefix, 1).unwrap()))
-        .build_from_text(
-            "policies: [{name: p, rules: [{id: rps, type: rate, limit: 1000, per: 1s, by: [user]}]}]",
-        )
-        .unwrap();
+    let (engine, clock) = engine(
+        RedisLedger::connect(&url, &prefix, 1).unwrap(),
+        "policies: [{name: p, rules: [{id: rps, type: rate, limit: 1000, per: 1s, by: [user]}]}]",
+    );
     let mut redis = redis::Client::open(url.as_str())
         .unwrap()
         .get_connection()
@@ -142,14 +149,10 @@ fn rate_keys_lapse_when_full_and_keep_lifetimes_that_cover_them() {
 #[test]
 fn a_burst_of_lapsed_reservations_is_dropped_at_once() {
     let Some(url) = url() else { return };
-    let clock = Arc::new(tollgate::ManualClock::new(1_000_000));
-    let engine = tollgate::Engine::builder()
-        .clock(clock.clone())
-        .ledger(Arc::new(fresh(&url, "burst")))
-        .build_from_text(
-            "policies: [{name: p, rules: [{id: b, type: budget, limit_usd: 1000, period: total}]}]",
-        )
-        .unwrap();
+    let (engine, clock) = engine(
+        fresh(&url, "burst"),
+        "policies: [{name: p, rules: [{id: b, type: budget, limit_usd: 1000, period: total}]}]",
+    );
     let mut request = tollgate::Request::default();
     request.estimate.cost_usd = Some(tollgate::Micros(1));
     const BURST: usize = 9_000;
@@ -170,14 +173,10 @@ fn a_burst_of_lapsed_reservations_is_dropped_at_once() {
 #[test]
 fn a_burst_of_spend_leaving_its_window_is_folded_at_once() {
     let Some(url) = url() else { return };
-    let clock = Arc::new(tollgate::ManualClock::new(1_000_000));
-    let engine = tollgate::Engine::builder()
-        .clock(clock.clone())
-        .ledger(Arc::new(fresh(&url, "fold")))
-        .build_from_text(
-            "policies: [{name: p, rules: [{id: b, type: budget, limit_usd: 1000, period: 'rolling:1h'}]}]",
-        )
-        .unwrap();
+    let (engine, clock) = engine(
+        fresh(&url, "fold"),
+        "policies: [{name: p, rules: [{id: b, type: budget, limit_usd: 1000, period: 'rolling:1h'}]}]",
+    );
     let request = tollgate::Request::default();
     const BURST: i64 = 9_000;
     for _ in 0..BURST {
