@@ -131,7 +131,7 @@ pub struct Decision {
     /// The id to `record` actual usage against.
     pub decision_id: String,
     /// What is left on each stateful rule that applied, by rule id.
-    pub remaining: BTreeMap<String, Remaining>,
+    pub remaining: BTreeMap<std::sync::Arc<str>, Remaining>,
     /// The explanation (empty unless asked for).
     pub trace: Vec<TraceEntry>,
     /// The lease granted by an `acquire`.

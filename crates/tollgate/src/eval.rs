@@ -386,7 +386,7 @@ pub(crate) fn decide(
             .verdict
             .as_ref()
             .expect("every entry has a verdict by now");
-        let (policy, id) = (Some(rule.policy.as_str()), Some(rule.id.as_str()));
+        let (policy, id) = (Some(rule.policy.as_str()), Some(&*rule.id));
         match (verdict, rule.mode) {
             (Verdict::Pass(detail), _) => note(policy, id, "pass", &|| {
                 format!("{}: {detail}", rule.type_name())
@@ -400,7 +400,7 @@ pub(crate) fn decide(
                     decision.code = *code;
                     decision.reason = Some(reason.clone());
                     decision.policy = Some(rule.policy.clone());
-                    decision.rule = Some(rule.id.clone());
+                    decision.rule = Some(rule.id.to_string());
                 }
             }
             (Verdict::Deny { reason, .. } | Verdict::Alert { reason }, Mode::Alert) => {
@@ -500,7 +500,7 @@ pub(crate) fn id_text(id: u128) -> String {
 fn alert(rule: &Rule, reason: &str) -> Alert {
     Alert {
         policy: rule.policy.clone(),
-        rule: rule.id.clone(),
+        rule: rule.id.to_string(),
         reason: reason.to_string(),
     }
 }

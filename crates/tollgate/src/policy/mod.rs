@@ -214,7 +214,7 @@ impl PolicySet {
             .find(|p| p.name == policy)?
             .rules
             .iter()
-            .find(|r| r.id == id)
+            .find(|r| &*r.id == id)
     }
 
     /// The policies whose rules apply, in evaluation order: each matched policy's chain,

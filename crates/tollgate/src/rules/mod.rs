@@ -41,7 +41,7 @@ pub(crate) enum Mode {
 
 /// A compiled rule.
 pub(crate) struct Rule {
-    pub id: String,
+    pub id: std::sync::Arc<str>,
     /// The policy that defines it.
     pub policy: String,
     pub when: Option<Expr>,
@@ -61,7 +61,7 @@ impl Rule {
     ) -> Rule {
         Rule {
             key_prefix: crate::ledger::KeyPrefix::new(&policy, &id),
-            id,
+            id: id.into(),
             policy,
             when,
             mode,
