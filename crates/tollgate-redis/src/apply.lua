@@ -49,9 +49,11 @@ if has_spend then
   -- folded: events that fell out of every window; rsum: live reservations), so a check
   -- costs O(1) amortised whatever the traffic. KEY:m also holds bounds that spare the
   -- common path any range query: elow, the time of the oldest event; rexp, at most the
-  -- earliest expiry of a live reservation; rlow, at most the time of the oldest one; and
-  -- lx, when the counter's keys lapse (their lifetimes are refreshed from it).
-  SPEND_FIELDS = {'esum', 'folded', 'rsum', 'elow', 'rexp', 'rlow', 'lx'}
+  -- earliest expiry of a live reservation; rlow, at most the time of the oldest one;
+  -- lx, when the counter's keys lapse (their lifetimes are refreshed from it); and after
+  -- a period turns while reservations are live, bsum, the sum of those made before bws
+  -- (kept as they are recorded or expire, so the turn is paid for once).
+  SPEND_FIELDS = {'esum', 'folded', 'rsum', 'elow', 'rexp', 'rlow', 'lx', 'bws', 'bsum'}
 
   -- Calls f with the members of zset `key` scored in [min, max], a thousand at a time
   -- (Lua's unpack takes no more than a few thousand values), removing each batch after
@@ -75,6 +77,7 @@ if has_spend then
     local h = redis.call('HMGET', m, unpack(SPEND_FIELDS))
     local st = {esum = num(h[1]) or 0, folded = num(h[2]) or 0, rsum = num(h[3]) or 0,
       elow = num(h[4]), rexp = num(h[5]), rlow = num(h[6]), lx = num(h[7]),
+      bws = num(h[8]), bsum = num(h[9]),
       new = h[1] == false and h[2] == false and h[3] == false}
     if ws ~= nil and st.elow ~= nil and st.elow < ws then
       each_batch(key .. ':ev', '-inf', '(' .. ws, true, function(old)
@@ -94,27 +97,42 @@ if has_spend then
     if st.rexp ~= nil and st.rexp <= now then
       each_batch(key .. ':rv', '-inf', now, true, function(expired)
         local gone = 0
-        for _, a in ipairs(redis.call('HMGET', key .. ':ra', unpack(expired))) do gone = gone + (num(a) or 0) end
+        local amounts = redis.call('HMGET', key .. ':ra', unpack(expired))
+        for _, a in ipairs(amounts) do gone = gone + (num(a) or 0) end
         st.rsum = st.rsum - gone
+        if st.bws ~= nil then
+          for j, at in ipairs(redis.call('ZMSCORE', key .. ':rat', unpack(expired))) do
+            if num(at) ~= nil and num(at) < st.bws then st.bsum = st.bsum - (num(amounts[j]) or 0) end
+          end
+        end
         redis.call('ZREM', key .. ':rat', unpack(expired))
         redis.call('HDEL', key .. ':ra', unpack(expired))
       end)
       local first = redis.call('ZRANGE', key .. ':rv', 0, 0, 'WITHSCORES')
       st.rexp = tonumber(first[2])
-      if st.rexp == nil then st.rlow = nil end
+      if st.rexp == nil then st.rlow, st.bws, st.bsum = nil, nil, nil end
       st.dirty = true
     end
     total = total + st.rsum
     if ws ~= nil and st.rlow ~= nil and st.rlow < ws then
-      -- reservations from before the window (a period that just turned) do not count
-      local any = false
-      each_batch(key .. ':rat', '-inf', '(' .. ws, false, function(before)
-        any = true
-        for _, a in ipairs(redis.call('HMGET', key .. ':ra', unpack(before))) do total = total - (num(a) or 0) end
-      end)
-      if not any then
-        st.rlow = ws
-        st.dirty = true
+      -- Reservations from before the window (a period that just turned) do not count.
+      -- Only those made since the last start looked at are read: nothing live is older
+      -- than rlow, and bsum already holds those before bws.
+      local from = st.rlow
+      if st.bws ~= nil and st.bws <= ws then from = st.bws else st.bsum = 0 end
+      if st.bws ~= ws then
+        each_batch(key .. ':rat', from, '(' .. ws, false, function(before)
+          for _, a in ipairs(redis.call('HMGET', key .. ':ra', unpack(before))) do
+            st.bsum = st.bsum + (num(a) or 0)
+          end
+        end)
+        st.bws, st.dirty = ws, true
+      end
+      if st.bsum <= 0 then
+        -- none is left from before the window: stop looking
+        st.rlow, st.bws, st.bsum, st.dirty = ws, nil, nil, true
+      else
+        total = total - st.bsum
       end
     end
     return total, st
@@ -124,7 +142,7 @@ if has_spend then
   -- longer hold), with `extra` fields.
   -- Integers are written in full ('%d'): Lua would print large ones with 14 digits.
   int = function(x) return string.format('%d', x) end
-  BOUNDS = {'elow', 'rexp', 'rlow'}
+  BOUNDS = {'elow', 'rexp', 'rlow', 'bws', 'bsum'}
   write_spend = function(key, st, extra)
     local fields = {'esum', int(st.esum), 'folded', int(st.folded), 'rsum', int(st.rsum)}
     local gone = {}
@@ -149,7 +167,7 @@ if has_spend then
     if reserve then
       if st.rsum == 0 then
         -- no live reservation: the reservation keys are gone, and so are their bounds
-        fresh_reservations, st.rexp, st.rlow, st.dirty = true, nil, nil, true
+        fresh_reservations, st.rexp, st.rlow, st.bws, st.bsum, st.dirty = true, nil, nil, nil, nil, true
       end
       st.rsum = st.rsum + op.amount
       local exp = now + ttl

@@ -9,6 +9,9 @@ for _, key in ipairs(cjson.decode(d[2])) do
   local amount = tonumber(redis.call('HGET', key .. ':ra', decision))
   if amount then
     redis.call('HINCRBY', key .. ':m', 'rsum', -amount)
+    -- a reservation from before a period's turn leaves the sum kept of those (apply.lua)
+    local bws = tonumber(redis.call('HGET', key .. ':m', 'bws'))
+    if bws ~= nil and tonumber(d[1]) < bws then redis.call('HINCRBY', key .. ':m', 'bsum', -amount) end
     redis.call('HDEL', key .. ':ra', decision)
     redis.call('ZREM', key .. ':rv', decision)
     redis.call('ZREM', key .. ':rat', decision)

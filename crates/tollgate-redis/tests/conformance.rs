@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use tollgate::Clock;
 use tollgate::ledger::{Ledger, conformance};
 use tollgate_redis::RedisLedger;
 
@@ -193,4 +194,79 @@ fn a_burst_of_spend_leaving_its_window_is_folded_at_once() {
     assert!(decision.allowed, "{decision:?}");
     assert_eq!(spent(&engine), tollgate::Micros(0));
     cleanup(&url, "fold");
+}
+
+/// Redis and the in-memory ledger give the same decisions through day turns and a short
+/// rolling window, with reservations live across the turns, recorded and lapsing: the
+/// sum kept of reservations from before a turn follows every change.
+#[test]
+fn redis_agrees_with_memory_across_period_turns() {
+    let Some(url) = url() else { return };
+    let policy = "policies: [{name: p, rules: [
+        {id: daily, type: budget, limit_usd: 0.00004, period: day},
+        {id: burst, type: budget, limit_usd: 0.00003, period: 'rolling:5m'}]}]";
+    let (on_redis, redis_clock) = engine(fresh(&url, "turns"), policy);
+    let memory_clock = Arc::new(tollgate::ManualClock::new(1_000_000));
+    let on_memory = tollgate::Engine::builder()
+        .clock(memory_clock.clone())
+        .build_from_text(policy)
+        .unwrap();
+    // 20 minutes before a UTC midnight
+    let start = 1_767_225_600_000 - 20 * 60_000;
+    redis_clock.set(start);
+    memory_clock.set(start);
+
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    // decisions to record, with their check time: recorded within 20 minutes (a Redis
+    // key's lifetime runs on Redis's clock, not on the manual one)
+    let mut allowed: Vec<(String, String, i64)> = Vec::new();
+    for step in 0..600 {
+        match next(6) {
+            0 | 1 => {
+                let mut request = tollgate::Request::default();
+                request.estimate.cost_usd = Some(tollgate::Micros(1 + next(4) as i64));
+                let (r, m) = (on_redis.check(&request), on_memory.check(&request));
+                assert_eq!(
+                    (r.allowed, r.code, &r.rule, &r.remaining),
+                    (m.allowed, m.code, &m.rule, &m.remaining),
+                    "step {step}"
+                );
+                if r.allowed {
+                    allowed.push((r.decision_id, m.decision_id, memory_clock.now_ms()));
+                }
+            }
+            2 if !allowed.is_empty() => {
+                let (r, m, at) = allowed.swap_remove(next(allowed.len() as u64) as usize);
+                if memory_clock.now_ms() - at > 20 * 60_000 {
+                    continue;
+                }
+                let cost = tollgate::Micros(next(3) as i64);
+                assert_eq!(
+                    on_redis.record(&r, cost).unwrap(),
+                    on_memory.record(&m, cost).unwrap(),
+                    "step {step}"
+                );
+            }
+            _ => {
+                let ms = next(90_000) as i64;
+                redis_clock.advance(ms);
+                memory_clock.advance(ms);
+            }
+        }
+    }
+    let usage = |e: &tollgate::Engine| {
+        e.usage(None)
+            .unwrap()
+            .into_iter()
+            .map(|u| (u.rule, u.spent_usd, u.reserved_usd))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(usage(&on_redis), usage(&on_memory));
+    cleanup(&url, "turns");
 }

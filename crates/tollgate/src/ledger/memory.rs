@@ -27,7 +27,7 @@ const SHARDS: usize = 64;
 const SWEEP_EVERY: u32 = if cfg!(test) { 64 } else { 4096 };
 const DAY_MS: i128 = 86_400_000;
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Spend {
     /// Recorded spend by check time, sorted.
     events: VecDeque<(i64, i64)>,
@@ -38,6 +38,12 @@ struct Spend {
     /// while the TTL stays the same); recorded ones are zeroed in place.
     reservations: VecDeque<Reservation>,
     reserved_sum: i64,
+    /// The reservations made before `before_start` (a period that turned while they
+    /// were live) are the first `before_len` of the queue and sum to `before_sum`: kept
+    /// as the queue changes, so a check after a turn does not walk them again.
+    before_start: i64,
+    before_len: usize,
+    before_sum: i64,
 }
 
 /// 32 bytes: one is kept per budget and unrecorded decision for the reservation TTL.
@@ -76,16 +82,31 @@ impl Spend {
                 break;
             }
             self.reserved_sum -= r.amount;
+            if self.before_len > 0 {
+                self.before_len -= 1;
+                self.before_sum -= r.amount;
+            }
             self.reservations.pop_front();
         }
         // Reservations from before the window (a period that just turned) do not count.
-        let before: i64 = self
-            .reservations
-            .iter()
-            .take_while(|r| r.at < window_start)
-            .map(|r| r.amount)
-            .sum();
-        self.reserved_sum - before
+        // They lead the queue (it is in check-time order, and a window never starts after
+        // now): the prefix only grows while the window start moves forward, so each
+        // reservation joins it once; a start that moves back (a clock set back) recounts.
+        if window_start != self.before_start {
+            if window_start < self.before_start {
+                self.before_len = 0;
+                self.before_sum = 0;
+            }
+            self.before_start = window_start;
+            while let Some(r) = self.reservations.get(self.before_len) {
+                if r.at >= window_start {
+                    break;
+                }
+                self.before_sum += r.amount;
+                self.before_len += 1;
+            }
+        }
+        self.reserved_sum - self.before_sum
     }
 
     fn reserve(&mut self, r: Reservation) {
@@ -96,13 +117,16 @@ impl Spend {
     /// Drops a decision's reservation (searching from the newest: records come soon).
     fn unreserve(&mut self, decision: u128, at: i64) {
         let low = decision as u64;
-        if let Some(r) = self
+        if let Some(i) = self
             .reservations
-            .iter_mut()
-            .rev()
-            .find(|r| r.decision == low && r.at == at)
+            .iter()
+            .rposition(|r| r.decision == low && r.at == at)
         {
+            let r = &mut self.reservations[i];
             self.reserved_sum -= r.amount;
+            if i < self.before_len {
+                self.before_sum -= r.amount;
+            }
             r.amount = 0;
         }
     }
@@ -967,12 +991,80 @@ impl Ledger for MemoryLedger {
 mod tests {
     use std::sync::Arc;
 
-    use super::MemoryLedger;
+    use super::{MemoryLedger, Reservation, Spend};
     use crate::{Engine, ManualClock, Micros, Request};
 
     impl MemoryLedger {
         fn decision_records(&self) -> usize {
             self.decisions.iter().map(|d| d.lock().map.len()).sum()
+        }
+    }
+
+    /// The kept sum of reservations from before the window answers as a walk of the
+    /// queue would, through reservations, records, expiries, period turns and a clock
+    /// set back.
+    #[test]
+    fn reservations_before_the_window_are_summed_as_a_walk_would() {
+        fn walked(spend: &mut Spend, window_start: i64, now: i64) -> i64 {
+            while let Some(r) = spend.reservations.front() {
+                if r.expires > now && r.amount != 0 {
+                    break;
+                }
+                spend.reserved_sum -= r.amount;
+                spend.reservations.pop_front();
+            }
+            let before: i64 = spend
+                .reservations
+                .iter()
+                .take_while(|r| r.at < window_start)
+                .map(|r| r.amount)
+                .sum();
+            spend.reserved_sum - before
+        }
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut spend = Spend::default();
+        let mut now = 1_000;
+        let mut made: Vec<(u64, i64)> = Vec::new();
+        for step in 0..20_000 {
+            match next(10) {
+                0..=3 => {
+                    let decision = step as u64;
+                    spend.reserve(Reservation {
+                        decision,
+                        at: now,
+                        amount: 1 + next(5) as i64,
+                        expires: now + [40, 90][next(2) as usize],
+                    });
+                    made.push((decision, now));
+                }
+                4 if !made.is_empty() => {
+                    let (decision, at) = made[next(made.len() as u64) as usize];
+                    spend.unreserve(u128::from(decision), at);
+                }
+                5 => now += next(7) as i64,
+                6 if next(50) == 0 => now -= 30,
+                _ => {}
+            }
+            // a calendar period of 100, sometimes a trailing window
+            let window_start = if next(4) == 0 {
+                now - 60
+            } else {
+                now / 100 * 100
+            };
+            let mut reference = spend.clone();
+            let expected = walked(&mut reference, window_start, now);
+            assert_eq!(
+                spend.reserved_since(window_start, now),
+                expected,
+                "step {step}"
+            );
+            assert_eq!(spend.reservations.len(), reference.reservations.len());
         }
     }
 
