@@ -208,20 +208,43 @@ if has_spend then
     end
   end
 
-  -- When enough spend leaves a trailing window for `amount` to fit (only on a refusal).
+  -- The members of zset zkey scored from ws up, oldest first, as {score, amount in hkey},
+  -- read a hundred at a time by rank (so a long walk costs no more per item).
+  local function oldest_first(zkey, hkey, ws)
+    local rank = redis.call('ZCOUNT', zkey, '-inf', '(' .. ws)
+    local page, i, done = {}, 1, false
+    return function()
+      if i > #page then
+        if done then return nil end
+        local found = redis.call('ZRANGE', zkey, rank, rank + 99, 'WITHSCORES')
+        rank, done = rank + #found / 2, #found < 200
+        if #found == 0 then return nil end
+        local members = {}
+        for k = 1, #found, 2 do members[#members + 1] = found[k] end
+        local amounts = redis.call('HMGET', hkey, unpack(members))
+        page, i = {}, 1
+        for k = 1, #members do page[k] = {tonumber(found[2 * k]), num(amounts[k]) or 0} end
+      end
+      i = i + 1
+      return page[i - 1]
+    end
+  end
+
+  -- When enough spend leaves a trailing window for `amount` to fit (only on a refusal):
+  -- events and reservations in the window merged oldest first, read only as far as
+  -- needed (a refused check on a busy counter does not read the whole window).
   retry_after = function(key, ws, wms, used, amount, limit)
-    local items = {}
-    local ev = redis.call('ZRANGEBYSCORE', key .. ':ev', ws, '+inf', 'WITHSCORES')
-    for i = 1, #ev, 2 do
-      table.insert(items, {tonumber(ev[i + 1]), num(redis.call('HGET', key .. ':am', ev[i])) or 0})
-    end
-    local rv = redis.call('ZRANGEBYSCORE', key .. ':rat', ws, '+inf', 'WITHSCORES')
-    for i = 1, #rv, 2 do
-      table.insert(items, {tonumber(rv[i + 1]), num(redis.call('HGET', key .. ':ra', rv[i])) or 0})
-    end
-    table.sort(items, function(x, y) return x[1] < y[1] end)
+    local next_event = oldest_first(key .. ':ev', key .. ':am', ws)
+    local next_reservation = oldest_first(key .. ':rat', key .. ':ra', ws)
+    local e, r = next_event(), next_reservation()
     local left = used
-    for _, it in ipairs(items) do
+    while e ~= nil or r ~= nil do
+      local it
+      if r == nil or (e ~= nil and e[1] <= r[1]) then
+        it, e = e, next_event()
+      else
+        it, r = r, next_reservation()
+      end
       left = left - it[2]
       if left < limit and left + amount <= limit then return math.max(1, it[1] + wms + 1 - now) end
     end

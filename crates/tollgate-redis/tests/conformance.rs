@@ -233,8 +233,8 @@ fn redis_agrees_with_memory_across_period_turns() {
                 request.estimate.cost_usd = Some(tollgate::Micros(1 + next(4) as i64));
                 let (r, m) = (on_redis.check(&request), on_memory.check(&request));
                 assert_eq!(
-                    (r.allowed, r.code, &r.rule, &r.remaining),
-                    (m.allowed, m.code, &m.rule, &m.remaining),
+                    (r.allowed, r.code, &r.rule, &r.remaining, r.retry_after_ms),
+                    (m.allowed, m.code, &m.rule, &m.remaining, m.retry_after_ms),
                     "step {step}"
                 );
                 if r.allowed {
@@ -269,4 +269,44 @@ fn redis_agrees_with_memory_across_period_turns() {
     };
     assert_eq!(usage(&on_redis), usage(&on_memory));
     cleanup(&url, "turns");
+}
+
+/// A refusal on a busy trailing window says when to retry by walking the window from the
+/// oldest spend, page by page in Redis: the same answer as the in-memory ledger's.
+#[test]
+fn retry_after_walks_a_long_window_as_memory_does() {
+    let Some(url) = url() else { return };
+    let policy = "policies: [{name: p, rules: [{id: cv, type: cost_velocity, limit_usd: 0.0003, window: 1h}]}]";
+    let (on_redis, redis_clock) = engine(fresh(&url, "walk"), policy);
+    let memory_clock = Arc::new(tollgate::ManualClock::new(1_000_000));
+    let on_memory = tollgate::Engine::builder()
+        .clock(memory_clock.clone())
+        .build_from_text(policy)
+        .unwrap();
+    let mut small = tollgate::Request::default();
+    small.estimate.cost_usd = Some(tollgate::Micros(1));
+    // 250 recorded micro-dollars one second apart, then 40 live reservations
+    for i in 0..290 {
+        for (engine, clock) in [(&on_redis, &redis_clock), (&on_memory, &memory_clock)] {
+            let decision = engine.check(&small);
+            assert!(decision.allowed, "{i}");
+            if i < 250 {
+                engine
+                    .record(&decision.decision_id, tollgate::Micros(1))
+                    .unwrap();
+            }
+            clock.advance(1_000);
+        }
+    }
+    let mut large = tollgate::Request::default();
+    large.estimate.cost_usd = Some(tollgate::Micros(150));
+    let (r, m) = (on_redis.check(&large), on_memory.check(&large));
+    assert!(!r.allowed);
+    // 140 must leave the window: the 140th oldest was spent at 1,139,000
+    assert_eq!(
+        m.retry_after_ms,
+        Some(1_139_000 + 3_600_000 + 1 - 1_290_000)
+    );
+    assert_eq!(r.retry_after_ms, m.retry_after_ms);
+    cleanup(&url, "walk");
 }

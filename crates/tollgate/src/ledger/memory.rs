@@ -151,27 +151,32 @@ impl Spend {
         amount: i64,
         limit: i64,
     ) -> Option<u64> {
-        let mut items: Vec<(i64, i64)> = self
+        // Both queues are in time order: merge them oldest first and stop as soon as
+        // enough has left (a refused check on a busy counter does not sort its window).
+        let mut events = self
             .events
             .iter()
             .copied()
-            .chain(
-                self.reservations
-                    .iter()
-                    .filter(|r| r.amount > 0)
-                    .map(|r| (r.at, r.amount)),
-            )
-            .filter(|&(t, _)| t >= window_start)
-            .collect();
-        items.sort_unstable();
+            .skip_while(|&(t, _)| t < window_start)
+            .peekable();
+        let mut reservations = self
+            .reservations
+            .iter()
+            .filter(|r| r.amount > 0 && r.at >= window_start)
+            .map(|r| (r.at, r.amount))
+            .peekable();
         let mut left = used;
-        for (t, a) in items {
+        loop {
+            let (t, a) = match (events.peek(), reservations.peek()) {
+                (Some(e), Some(r)) if r.0 < e.0 => reservations.next(),
+                (Some(_), _) => events.next(),
+                (None, _) => reservations.next(),
+            }?;
             left -= a;
             if left < limit && left + amount <= limit {
                 return Some((t + window_ms + 1 - now).max(1) as u64);
             }
         }
-        None
     }
 }
 
