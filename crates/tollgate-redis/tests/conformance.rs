@@ -36,15 +36,23 @@ fn cleanup(url: &str, test: &str) {
         .unwrap();
 }
 
-/// An engine over `ledger` on a manual clock that starts at 1,000,000 ms.
-fn engine(ledger: RedisLedger, policy: &str) -> (tollgate::Engine, Arc<tollgate::ManualClock>) {
+/// An engine over `ledger` (in memory when `None`) on a manual clock that starts at
+/// 1,000,000 ms.
+fn engine_on(
+    ledger: Option<RedisLedger>,
+    policy: &str,
+) -> (tollgate::Engine, Arc<tollgate::ManualClock>) {
     let clock = Arc::new(tollgate::ManualClock::new(1_000_000));
-    let engine = tollgate::Engine::builder()
-        .clock(clock.clone())
-        .ledger(Arc::new(ledger))
-        .build_from_text(policy)
-        .unwrap();
-    (engine, clock)
+    let mut builder = tollgate::Engine::builder().clock(clock.clone());
+    if let Some(ledger) = ledger {
+        builder = builder.ledger(Arc::new(ledger));
+    }
+    (builder.build_from_text(policy).unwrap(), clock)
+}
+
+/// The same, over Redis.
+fn engine(ledger: RedisLedger, policy: &str) -> (tollgate::Engine, Arc<tollgate::ManualClock>) {
+    engine_on(Some(ledger), policy)
 }
 
 #[test]
@@ -206,11 +214,7 @@ fn redis_agrees_with_memory_across_period_turns() {
         {id: daily, type: budget, limit_usd: 0.00004, period: day},
         {id: burst, type: budget, limit_usd: 0.00003, period: 'rolling:5m'}]}]";
     let (on_redis, redis_clock) = engine(fresh(&url, "turns"), policy);
-    let memory_clock = Arc::new(tollgate::ManualClock::new(1_000_000));
-    let on_memory = tollgate::Engine::builder()
-        .clock(memory_clock.clone())
-        .build_from_text(policy)
-        .unwrap();
+    let (on_memory, memory_clock) = engine_on(None, policy);
     // 20 minutes before a UTC midnight
     let start = 1_767_225_600_000 - 20 * 60_000;
     redis_clock.set(start);
@@ -278,11 +282,7 @@ fn retry_after_walks_a_long_window_as_memory_does() {
     let Some(url) = url() else { return };
     let policy = "policies: [{name: p, rules: [{id: cv, type: cost_velocity, limit_usd: 0.0003, window: 1h}]}]";
     let (on_redis, redis_clock) = engine(fresh(&url, "walk"), policy);
-    let memory_clock = Arc::new(tollgate::ManualClock::new(1_000_000));
-    let on_memory = tollgate::Engine::builder()
-        .clock(memory_clock.clone())
-        .build_from_text(policy)
-        .unwrap();
+    let (on_memory, memory_clock) = engine_on(None, policy);
     let mut small = tollgate::Request::default();
     small.estimate.cost_usd = Some(tollgate::Micros(1));
     // 250 recorded micro-dollars one second apart, then 40 live reservations
