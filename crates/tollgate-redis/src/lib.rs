@@ -123,14 +123,25 @@ impl RedisLedger {
 const PLAN_HEADER: usize = 6;
 const OP_STRIDE: usize = 7;
 
+/// A counter's label as JSON: `{"by", "policy", "rule", "values"}`, in the order the
+/// labels already stored have (they are read back into `SpendSink`s). Serialised from
+/// borrowed parts: a label travels with every spend operation.
+#[derive(serde::Serialize)]
+struct Label<'a> {
+    by: Vec<String>,
+    policy: &'a str,
+    rule: &'a str,
+    values: &'a [&'a str],
+}
+
 fn label(key: &CounterKey<'_>) -> String {
-    json!({
-        "policy": key.policy,
-        "rule": key.rule,
-        "by": key.by.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "values": key.values.as_slice(),
+    serde_json::to_string(&Label {
+        by: key.by.iter().map(ToString::to_string).collect(),
+        policy: key.policy,
+        rule: key.rule,
+        values: key.values.as_slice(),
     })
-    .to_string()
+    .expect("strings serialise")
 }
 
 fn strings(v: &Value) -> Vec<String> {
@@ -556,5 +567,27 @@ impl RedisLedger {
     pub fn ping(&self) -> Result<(), LedgerError> {
         self.with(|c| redis::cmd("PING").query::<String>(c))
             .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tollgate::ledger::CounterKey;
+    use tollgate::request::Dimension;
+
+    /// Labels already stored in Redis were written as a `json!` object (keys sorted):
+    /// the serialised struct must read alike.
+    #[test]
+    fn a_label_reads_as_the_labels_already_stored() {
+        let by = [
+            Dimension::parse("user").unwrap(),
+            Dimension::parse("labels.plan").unwrap(),
+        ];
+        let key = CounterKey::new("p", "r\"1", &by, vec!["u 1", "pro"]);
+        let stored = serde_json::json!({
+            "policy": "p", "rule": "r\"1", "by": ["user", "labels.plan"], "values": ["u 1", "pro"],
+        })
+        .to_string();
+        assert_eq!(super::label(&key), stored);
     }
 }

@@ -252,16 +252,19 @@ async fn decisions_records_leases_runs_and_errors() {
 
     // operations
     // Allowed decisions are counted through per-thread handles: each one counts once.
-    let allowed_checks = || async {
-        let text = c
-            .get(server.url("/metrics"))
+    let metrics_text = || async {
+        c.get(server.url("/metrics"))
             .send()
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
-        text.lines()
+            .unwrap()
+    };
+    let allowed_checks = || async {
+        metrics_text()
+            .await
+            .lines()
             .find(|l| {
                 l.starts_with(
                     "tollgate_decisions_total{code=\"ALLOWED\",rule=\"\",endpoint=\"check\"}",
@@ -278,14 +281,7 @@ async fn decisions_records_leases_runs_and_errors() {
     assert_eq!(allowed_checks().await, before + 3);
     assert_eq!(status_of(c.get(server.url("/healthz"))).await, 200);
     assert_eq!(status_of(c.get(server.url("/readyz"))).await, 200);
-    let metrics = c
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text().await;
     assert!(
         metrics.contains("tollgate_decisions_total{code=\"RATE_LIMITED\",rule=\"rpm\""),
         "{metrics}"
