@@ -8,8 +8,10 @@
 //! outside any window) are swept, so memory follows the active keys only.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
+use hashbrown::HashTable;
 use parking_lot::{Mutex, MutexGuard};
 use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
@@ -237,10 +239,24 @@ impl Shard {
 type Sinks = SmallVec<[u128; 3]>;
 
 struct DecisionRecord {
+    id: u128,
     at: i64,
     sinks: Sinks,
     recorded: bool,
     retain_until: i64,
+}
+
+/// A shard's decision records: appended in check order to a ring (so keeping one costs
+/// a sequential write, and lapsed ones leave from the front), found by id through a
+/// compact index of ring positions — not a map of whole records, which at a steady state
+/// of minutes of decisions is rehashed and probed far from the cache.
+#[derive(Default)]
+struct Decisions {
+    records: VecDeque<DecisionRecord>,
+    /// The absolute position of `records[0]` (positions only grow).
+    first: u64,
+    /// Absolute positions of the records in `records`, by the hash of their id.
+    index: HashTable<u64>,
 }
 
 struct Lease {
@@ -250,10 +266,54 @@ struct Lease {
     keys: Vec<u128>,
 }
 
-#[derive(Default)]
-struct Decisions {
-    map: FxHashMap<u128, DecisionRecord>,
-    inserts: u32,
+fn id_hash(id: u128) -> u64 {
+    rustc_hash::FxBuildHasher.hash_one(id)
+}
+
+impl Decisions {
+    /// The record at an absolute position, if the ring still holds it.
+    fn at(&self, pos: u64) -> Option<&DecisionRecord> {
+        self.records.get(pos.wrapping_sub(self.first) as usize)
+    }
+
+    fn get_mut(&mut self, id: u128) -> Option<&mut DecisionRecord> {
+        let pos = *self
+            .index
+            .find(id_hash(id), |&p| self.at(p).is_some_and(|r| r.id == id))?;
+        self.records.get_mut((pos - self.first) as usize)
+    }
+
+    /// Keeps a record, after dropping the lapsed ones at the front. Records leave in
+    /// check order: one kept longer (a longer TTL, a clock set back) holds back the ones
+    /// behind it, which only keeps them longer than they must be.
+    fn insert(&mut self, record: DecisionRecord, now: i64) {
+        while self.records.front().is_some_and(|r| r.retain_until <= now) {
+            let gone = self.records.pop_front().expect("a front record");
+            let first = self.first;
+            if let Ok(entry) = self.index.find_entry(id_hash(gone.id), |&p| p == first) {
+                entry.remove();
+            }
+            self.first += 1;
+        }
+        let hash = id_hash(record.id);
+        let pos = self.first + self.records.len() as u64;
+        let Decisions {
+            records,
+            first,
+            index,
+        } = self;
+        let at = |p: u64| records.get(p.wrapping_sub(*first) as usize);
+        // An id checked twice (only a caller's own ids can repeat) keeps its newest record.
+        match index.find_entry(hash, |&p| at(p).is_some_and(|r| r.id == record.id)) {
+            Ok(mut entry) => *entry.get_mut() = pos,
+            Err(absent) => {
+                absent
+                    .into_table()
+                    .insert_unique(hash, pos, |&p| at(p).map_or(0, |r| id_hash(r.id)));
+            }
+        }
+        self.records.push_back(record);
+    }
 }
 
 /// A counter a recorded decision's cost counts toward, in portable form (the id is
@@ -376,11 +436,7 @@ impl MemoryLedger {
     pub fn begin_record(&self, decision: u128, now: i64) -> Result<PendingRecord, RecordOutcome> {
         let (at, ids) = {
             let mut decisions = self.decisions[shard_of(decision)].lock();
-            let Some(record) = decisions
-                .map
-                .get_mut(&decision)
-                .filter(|r| r.retain_until > now)
-            else {
+            let Some(record) = decisions.get_mut(decision).filter(|r| r.retain_until > now) else {
                 return Err(RecordOutcome::UnknownDecision);
             };
             if record.recorded {
@@ -407,11 +463,7 @@ impl MemoryLedger {
 
     /// Gives a claimed decision back (its durable write failed): it may be recorded again.
     pub fn abort_record(&self, decision: u128) {
-        if let Some(r) = self.decisions[shard_of(decision)]
-            .lock()
-            .map
-            .get_mut(&decision)
-        {
+        if let Some(r) = self.decisions[shard_of(decision)].lock().get_mut(decision) {
             r.recorded = false;
         }
     }
@@ -903,22 +955,15 @@ impl Ledger for MemoryLedger {
         drop(guards);
         drop(lease_table);
         if !sinks.is_empty() {
-            let mut d = self.decisions[shard_of(plan.decision)].lock();
-            d.inserts += 1;
-            // A sweep visits every record of the shard: at most two visits per insert
-            // however many records the retention holds.
-            if d.inserts >= SWEEP_EVERY.max(d.map.len() as u32 / 2) {
-                d.inserts = 0;
-                d.map.retain(|_, r| r.retain_until > now);
-            }
-            d.map.insert(
-                plan.decision,
+            self.decisions[shard_of(plan.decision)].lock().insert(
                 DecisionRecord {
+                    id: plan.decision,
                     at: now,
                     sinks,
                     recorded: false,
                     retain_until,
                 },
+                now,
             );
         }
         Ok(results)
@@ -1014,12 +1059,12 @@ impl Ledger for MemoryLedger {
 mod tests {
     use std::sync::Arc;
 
-    use super::{MemoryLedger, Reservation, Spend};
+    use super::{DecisionRecord, Decisions, MemoryLedger, Reservation, Sinks, Spend};
     use crate::{Engine, ManualClock, Micros, Request};
 
     impl MemoryLedger {
         fn decision_records(&self) -> usize {
-            self.decisions.iter().map(|d| d.lock().map.len()).sum()
+            self.decisions.iter().map(|d| d.lock().records.len()).sum()
         }
     }
 
@@ -1121,14 +1166,52 @@ mod tests {
             clock.advance(60_000);
         }
         // retention: 2 × the 15-minute reservation TTL, so 30 minutes of decisions are
-        // live; a shard keeps expired ones until it has had max(64, len/2) more inserts
+        // live; a shard drops the lapsed ones as it takes the next
         let live = 31 * PER_MINUTE;
         let records = ledger.decision_records();
         assert!(
-            records <= live + live / 2 + 64 * 64,
+            records <= live,
             "{records} records for {live} live ones (100 minutes made {})",
             100 * PER_MINUTE
         );
         assert!(records >= 30 * PER_MINUTE, "live records swept: {records}");
+    }
+
+    /// The decision store finds every kept record by id, across the ring's front moving
+    /// on, and none that lapsed; an id kept twice answers with its newest record.
+    #[test]
+    fn decision_records_are_found_by_id_until_they_lapse() {
+        let mut store = Decisions::default();
+        let record = |id: u128, at: i64| DecisionRecord {
+            id,
+            at,
+            sinks: Sinks::new(),
+            recorded: false,
+            retain_until: at + 100,
+        };
+        // Ids far apart in their high half too, as another engine's would be.
+        let id = |n: u128| (n << 70) ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        for t in 0..1_000i64 {
+            store.insert(record(id(t as u128), t), t);
+            let lapsed = t - 100;
+            if lapsed >= 0 {
+                assert!(
+                    store.get_mut(id(lapsed as u128)).is_none(),
+                    "{lapsed} lapsed"
+                );
+            }
+            for kept in (t - 99).max(0)..=t {
+                let r = store.get_mut(id(kept as u128)).expect("kept");
+                assert_eq!(r.at, kept);
+            }
+        }
+        assert_eq!(store.records.len(), 100);
+        assert_eq!(store.index.len(), 100);
+        store.insert(record(id(999), 1_000), 1_000);
+        assert_eq!(store.get_mut(id(999)).map(|r| r.at), Some(1_000));
+        // The older copy leaves the ring without taking the newer one's index entry.
+        store.insert(record(id(5_000), 1_099), 1_099);
+        assert_eq!(store.get_mut(id(999)).map(|r| r.at), Some(1_000));
+        assert!(store.get_mut(id(998)).is_none());
     }
 }
