@@ -209,13 +209,15 @@ pub(crate) fn decide(
         notes: Vec::new(),
     };
 
-    let rule_count = order
-        .iter()
-        .map(|&p| set.policies[p as usize].rules.len())
-        .sum::<usize>()
-        + inputs.run_rules.len();
+    let (mut rule_count, mut stateful) = (inputs.run_rules.len(), inputs.run_rules.len());
+    for &p in &order {
+        let rules = &set.policies[p as usize].rules;
+        rule_count += rules.len();
+        stateful += rules.iter().filter(|r| r.is_stateful()).count();
+    }
     let mut entries: SmallVec<[Entry<'_>; 16]> = SmallVec::with_capacity(rule_count);
-    let mut ops: Vec<Op<'_>> = Vec::with_capacity(rule_count);
+    // An operation is large (its key and kind): room for the stateful rules only.
+    let mut ops: Vec<Op<'_>> = Vec::with_capacity(stateful);
     let mut stateless_denial = false;
     let rules = order
         .iter()

@@ -37,24 +37,46 @@ pub(crate) fn glob(pattern: &str) -> Result<Glob, globset::Error> {
 #[derive(Clone, Debug)]
 pub(crate) struct Patterns {
     pub source: Vec<String>,
-    set: GlobSet,
+    /// The patterns without glob syntax, compared as they are (a model list is mostly
+    /// names: a string comparison costs a fraction of a glob set's match).
+    literals: Vec<String>,
+    /// The others, if any.
+    globs: Option<GlobSet>,
+}
+
+/// Whether a pattern means only itself.
+fn is_literal(pattern: &str) -> bool {
+    !pattern.contains(['*', '?', '[', ']', '{', '}', '\\'])
 }
 
 impl Patterns {
     pub(crate) fn new(patterns: Vec<String>) -> Result<Patterns, (usize, globset::Error)> {
         let mut b = GlobSetBuilder::new();
+        let mut literals = Vec::new();
+        let mut globs = 0;
         for (i, p) in patterns.iter().enumerate() {
-            b.add(glob(p).map_err(|e| (i, e))?);
+            if is_literal(p) {
+                literals.push(p.clone());
+            } else {
+                b.add(glob(p).map_err(|e| (i, e))?);
+                globs += 1;
+            }
         }
-        let set = b.build().map_err(|e| (0, e))?;
+        let globs = if globs > 0 {
+            Some(b.build().map_err(|e| (0, e))?)
+        } else {
+            None
+        };
         Ok(Patterns {
             source: patterns,
-            set,
+            literals,
+            globs,
         })
     }
 
     pub(crate) fn is_match(&self, value: &str) -> bool {
-        self.set.is_match(value)
+        self.literals.iter().any(|l| l == value)
+            || self.globs.as_ref().is_some_and(|g| g.is_match(value))
     }
 
     /// Absent values match only a pattern that is exactly `*`.
@@ -248,6 +270,10 @@ mod tests {
         assert!(p.is_match("dev-7a"));
         assert!(!p.is_match("dev-x"));
         assert!(Patterns::new(vec!["[a-".into()]).is_err());
+        // A literal name is only itself, beside a glob.
+        let p = Patterns::new(vec!["gpt-4".into(), "claude-*".into(), "o1\\*".into()]).unwrap();
+        assert!(p.is_match("gpt-4") && p.is_match("claude-3") && p.is_match("o1*"));
+        assert!(!p.is_match("gpt-4o") && !p.is_match("gpt-") && !p.is_match("o1-mini"));
     }
 
     /// A direct backtracking matcher for `*`, `?` and `[...]` with ranges, the reference.
@@ -290,11 +316,18 @@ mod tests {
 
     proptest! {
         #[test]
-        fn globs_agree_with_the_reference(pattern in pattern_strategy(), text in "[abc/-]{0,6}") {
-            let ours = Patterns::new(vec![pattern.clone()]).unwrap().is_match(&text);
-            let p: Vec<char> = pattern.chars().collect();
+        fn globs_agree_with_the_reference(
+            patterns in prop::collection::vec(pattern_strategy(), 1..4),
+            text in "[abc/-]{0,6}",
+        ) {
+            // Lists mix literal names (compared as strings) and globs (the glob set).
+            let ours = Patterns::new(patterns.clone()).unwrap().is_match(&text);
             let t: Vec<char> = text.chars().collect();
-            prop_assert_eq!(ours, reference(&p, &t), "pattern {:?} text {:?}", pattern, text);
+            let expected = patterns.iter().any(|p| {
+                let p: Vec<char> = p.chars().collect();
+                reference(&p, &t)
+            });
+            prop_assert_eq!(ours, expected, "patterns {:?} text {:?}", patterns, text);
         }
     }
 }
