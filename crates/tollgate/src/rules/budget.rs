@@ -3,8 +3,6 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, Datelike, NaiveDate, Utc};
-
 use crate::decision::Code;
 use crate::duration::Millis;
 use crate::eval::EvalCtx;
@@ -24,6 +22,19 @@ pub(crate) const FIELDS: &[&str] = &[
     "downgrade_to",
     "alert_at",
 ];
+
+/// The day of the month (1–31, proleptic Gregorian, UTC) of a day counted from
+/// 1970-01-01: H. Hinnant's `civil_from_days`, the day only.
+fn day_of_month(days: i64) -> i64 {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z - era * 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_from_march = (5 * day_of_year + 2) / 153;
+    day_of_year - (153 * month_from_march + 2) / 5 + 1
+}
 
 /// Which spend a budget counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,21 +59,17 @@ impl Period {
 
     /// The first millisecond that counts at `now` (inclusive).
     pub(crate) fn window_start(self, now: i64) -> i64 {
-        let day = |d: NaiveDate| {
-            d.and_hms_opt(0, 0, 0)
-                .map_or(i64::MIN, |t| t.and_utc().timestamp_millis())
-        };
-        let date = DateTime::<Utc>::from_timestamp_millis(now)
-            .unwrap_or_default()
-            .date_naive();
+        // Calendar arithmetic on days since the epoch (every check of a period budget
+        // asks): a few integer operations instead of a date library's conversions.
+        const DAY_MS: i64 = Millis::DAY.0;
+        let days = now.div_euclid(DAY_MS);
         match self {
             Period::Total => i64::MIN,
-            Period::Rolling(w) => now - w.0,
-            Period::Day => day(date),
-            Period::Week => {
-                day(date - chrono::Days::new(u64::from(date.weekday().num_days_from_monday())))
-            }
-            Period::Month => day(date.with_day(1).unwrap_or(date)),
+            Period::Rolling(w) => now.saturating_sub(w.0),
+            Period::Day => days * DAY_MS,
+            // 1970-01-01 was a Thursday: Monday is 3 days before.
+            Period::Week => (days - (days + 3).rem_euclid(7)) * DAY_MS,
+            Period::Month => (days - (day_of_month(days) - 1)) * DAY_MS,
         }
     }
 
@@ -328,8 +335,60 @@ pub(crate) fn exceeds(used: Micros, amount: Micros, limit: Micros) -> bool {
 mod tests {
     use super::*;
 
+    use chrono::{DateTime, Datelike, NaiveDate, Utc};
+    use proptest::prelude::*;
+
     fn at(s: &str) -> i64 {
         DateTime::parse_from_rfc3339(s).unwrap().timestamp_millis()
+    }
+
+    /// The calendar periods by a date library, the reference.
+    fn reference(period: Period, now: i64) -> i64 {
+        let day = |d: NaiveDate| d.and_hms_opt(0, 0, 0).unwrap().and_utc().timestamp_millis();
+        let date = DateTime::<Utc>::from_timestamp_millis(now)
+            .unwrap()
+            .date_naive();
+        match period {
+            Period::Day => day(date),
+            Period::Week => {
+                day(date - chrono::Days::new(u64::from(date.weekday().num_days_from_monday())))
+            }
+            Period::Month => day(date.with_day(1).unwrap()),
+            _ => unreachable!(),
+        }
+    }
+
+    proptest! {
+        /// From 1600 to 2400 (leap centuries both ways, the epoch, negative times).
+        #[test]
+        fn calendar_periods_agree_with_a_date_library(now in -11_676_096_000_000i64..13_569_465_600_000) {
+            for period in [Period::Day, Period::Week, Period::Month] {
+                prop_assert_eq!(period.window_start(now), reference(period, now), "{:?} at {}", period, now);
+            }
+        }
+    }
+
+    #[test]
+    fn months_turn_at_every_first_across_four_centuries() {
+        // Every day from 1900-01-01 to 2300-12-31, against the reference.
+        let start = at("1900-01-01T00:00:00Z");
+        let end = at("2301-01-01T00:00:00Z");
+        let mut now = start;
+        while now < end {
+            for t in [now, now + 86_399_999] {
+                assert_eq!(
+                    Period::Month.window_start(t),
+                    reference(Period::Month, t),
+                    "{t}"
+                );
+                assert_eq!(
+                    Period::Week.window_start(t),
+                    reference(Period::Week, t),
+                    "{t}"
+                );
+            }
+            now += 86_400_000;
+        }
     }
 
     #[test]
