@@ -283,17 +283,32 @@ impl Decisions {
         self.records.get_mut((pos - self.first) as usize)
     }
 
-    /// Keeps a record, after dropping the lapsed ones at the front. Records leave in
-    /// check order: one kept longer (a longer TTL, a clock set back) holds back the ones
-    /// behind it, which only keeps them longer than they must be.
+    /// Keeps a record, after dropping the lapsed ones at the front. A front record that
+    /// outlives the new one (a longer TTL then, a clock set back) would hold back the ones
+    /// behind it, however long it lives: it moves to the back instead (two at most per
+    /// insert), so the ring turns and keeps only about what the retention holds.
     fn insert(&mut self, record: DecisionRecord, now: i64) {
-        while self.records.front().is_some_and(|r| r.retain_until <= now) {
-            let gone = self.records.pop_front().expect("a front record");
-            let first = self.first;
-            if let Ok(entry) = self.index.find_entry(id_hash(gone.id), |&p| p == first) {
-                entry.remove();
+        let mut moves = 0;
+        while let Some(front) = self.records.front() {
+            let lapsed = front.retain_until <= now;
+            if !lapsed && (moves == 2 || front.retain_until <= record.retain_until) {
+                break;
             }
+            let front = self.records.pop_front().expect("a front record");
+            let old = self.first;
             self.first += 1;
+            let entry = self.index.find_entry(id_hash(front.id), |&p| p == old);
+            if lapsed {
+                if let Ok(entry) = entry {
+                    entry.remove();
+                }
+            } else {
+                if let Ok(mut entry) = entry {
+                    *entry.get_mut() = self.first + self.records.len() as u64;
+                }
+                self.records.push_back(front);
+                moves += 1;
+            }
         }
         let hash = id_hash(record.id);
         let pos = self.first + self.records.len() as u64;
@@ -1213,5 +1228,29 @@ mod tests {
         store.insert(record(id(5_000), 1_099), 1_099);
         assert_eq!(store.get_mut(id(999)).map(|r| r.at), Some(1_000));
         assert!(store.get_mut(id(998)).is_none());
+
+        // A record kept far longer than the rest (made under a longer TTL) does not hold
+        // back the ones behind it, and is found until it lapses.
+        let mut store = Decisions::default();
+        store.insert(
+            DecisionRecord {
+                retain_until: 5_000,
+                ..record(id(1 << 20), 0)
+            },
+            0,
+        );
+        for t in 1..4_000i64 {
+            store.insert(record(id(t as u128), t), t);
+            assert!(
+                store.records.len() <= 102,
+                "{} kept at {t}",
+                store.records.len()
+            );
+            assert_eq!(store.get_mut(id(1 << 20)).map(|r| r.at), Some(0));
+            assert_eq!(store.get_mut(id(t as u128)).map(|r| r.at), Some(t));
+            assert_eq!(store.index.len(), store.records.len());
+        }
+        store.insert(record(id(7_000), 5_000), 5_000);
+        assert!(store.get_mut(id(1 << 20)).is_none(), "lapsed");
     }
 }
