@@ -211,9 +211,9 @@ pub(crate) fn decide(
 
     let (mut rule_count, mut stateful) = (inputs.run_rules.len(), inputs.run_rules.len());
     for &p in &order {
-        let rules = &set.policies[p as usize].rules;
-        rule_count += rules.len();
-        stateful += rules.iter().filter(|r| r.is_stateful()).count();
+        let policy = &set.policies[p as usize];
+        rule_count += policy.rules.len();
+        stateful += policy.stateful_rules;
     }
     let mut entries: SmallVec<[Entry<'_>; 16]> = SmallVec::with_capacity(rule_count);
     // An operation is large (its key and kind): room for the stateful rules only.

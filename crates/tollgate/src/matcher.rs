@@ -53,20 +53,17 @@ impl Patterns {
     pub(crate) fn new(patterns: Vec<String>) -> Result<Patterns, (usize, globset::Error)> {
         let mut b = GlobSetBuilder::new();
         let mut literals = Vec::new();
-        let mut globs = 0;
         for (i, p) in patterns.iter().enumerate() {
             if is_literal(p) {
                 literals.push(p.clone());
             } else {
                 b.add(glob(p).map_err(|e| (i, e))?);
-                globs += 1;
             }
         }
-        let globs = if globs > 0 {
-            Some(b.build().map_err(|e| (0, e))?)
-        } else {
-            None
-        };
+        let globs = (literals.len() < patterns.len())
+            .then(|| b.build())
+            .transpose()
+            .map_err(|e| (0, e))?;
         Ok(Patterns {
             source: patterns,
             literals,

@@ -270,17 +270,19 @@ fn id_hash(id: u128) -> u64 {
     rustc_hash::FxBuildHasher.hash_one(id)
 }
 
-impl Decisions {
-    /// The record at an absolute position, if the ring still holds it.
-    fn at(&self, pos: u64) -> Option<&DecisionRecord> {
-        self.records.get(pos.wrapping_sub(self.first) as usize)
-    }
+/// The record at an absolute position, if the ring (whose front is at `first`) still
+/// holds it: a stale position reads as absent.
+fn record_at(records: &VecDeque<DecisionRecord>, first: u64, pos: u64) -> Option<&DecisionRecord> {
+    records.get(pos.wrapping_sub(first) as usize)
+}
 
+impl Decisions {
     fn get_mut(&mut self, id: u128) -> Option<&mut DecisionRecord> {
-        let pos = *self
-            .index
-            .find(id_hash(id), |&p| self.at(p).is_some_and(|r| r.id == id))?;
-        self.records.get_mut((pos - self.first) as usize)
+        let (records, first) = (&self.records, self.first);
+        let pos = *self.index.find(id_hash(id), |&p| {
+            record_at(records, first, p).is_some_and(|r| r.id == id)
+        })?;
+        self.records.get_mut((pos - first) as usize)
     }
 
     /// Keeps a record, after dropping the lapsed ones at the front. A front record that
@@ -317,7 +319,7 @@ impl Decisions {
             first,
             index,
         } = self;
-        let at = |p: u64| records.get(p.wrapping_sub(*first) as usize);
+        let at = |p: u64| record_at(records, *first, p);
         // An id checked twice (only a caller's own ids can repeat) keeps its newest record.
         match index.find_entry(hash, |&p| at(p).is_some_and(|r| r.id == record.id)) {
             Ok(mut entry) => *entry.get_mut() = pos,
