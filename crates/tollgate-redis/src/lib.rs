@@ -18,7 +18,9 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
-use redis::{Client, Connection, Script};
+use redis::{
+    Client, Cmd, Connection, ErrorKind, FromRedisValue, RedisResult, Script, ServerErrorKind,
+};
 use serde_json::{Value, json};
 
 use tollgate::Micros;
@@ -144,6 +146,18 @@ fn label(key: &CounterKey<'_>) -> String {
     .expect("strings serialise")
 }
 
+/// Runs a script call (`EVALSHA <hash> …`, built whole in `call`); a script the server
+/// no longer has (`NOSCRIPT`: restarted, flushed) is loaded and called again.
+fn eval<T: FromRedisValue>(c: &mut Connection, script: &Script, call: &Cmd) -> RedisResult<T> {
+    match call.query(c) {
+        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            script.load(c)?;
+            call.query(c)
+        }
+        answer => answer,
+    }
+}
+
 fn strings(v: &Value) -> Vec<String> {
     v.as_array()
         .map(|a| {
@@ -220,32 +234,62 @@ impl Restore for RedisLedger {
 
 impl Ledger for RedisLedger {
     fn apply(&self, plan: &Plan<'_>, mode: Apply) -> Result<Vec<OpResult>, LedgerError> {
-        // The plan travels as flat arguments (see apply.lua): no JSON to build here or to
-        // decode in the script, which runs on Redis's one thread.
-        let mut keys: Vec<String> = Vec::with_capacity(plan.ops.len() + 2);
-        let mut args: Vec<String> = Vec::with_capacity(PLAN_HEADER + OP_STRIDE * plan.ops.len());
-        args.extend([
-            plan.now.to_string(),
-            plan.reservation_ttl_ms.to_string(),
-            format!("{:032x}", plan.decision),
-            u8::from(mode == Apply::Commit).to_string(),
-            self.prefix.clone(),
-            match &plan.lease {
-                Some(l) => {
-                    let mut lease = json!({"id": format!("{:032x}", l.id), "resource": l.resource, "subject": l.subject});
-                    if let Some(e) = l.expires_at {
-                        lease["exp"] = json!(e);
-                    }
-                    lease.to_string()
-                }
-                None => String::new(),
-            },
-        ]);
-        let text = |v: Option<i64>| v.map_or_else(String::new, |v| v.to_string());
-        let mut spends = false;
+        // The plan travels as flat arguments (see apply.lua), written straight into one
+        // command buffer — numbers as they are, no string per argument, no JSON to decode
+        // in the script, which runs on Redis's one thread.
+        let spends = plan
+            .ops
+            .iter()
+            .any(|op| matches!(op.kind, OpKind::Spend { .. } | OpKind::Forecast { .. }));
+        let keys = plan.ops.len() + usize::from(spends) + usize::from(plan.lease.is_some());
+        let mut call = Cmd::with_capacity(
+            3 + keys + PLAN_HEADER + OP_STRIDE * plan.ops.len(),
+            128 * (plan.ops.len() + 1),
+        );
+        call.arg("EVALSHA").arg(self.apply.get_hash()).arg(keys);
         for op in &plan.ops {
             let mut key = self.counter(&op.key);
-            let (kind, a, b, c, d, label_text) = match &op.kind {
+            // a bucket's and a fixed window's one string key (see apply.lua)
+            match op.kind {
+                OpKind::Rate {
+                    algorithm: Algorithm::TokenBucket,
+                    ..
+                } => key.push_str(":b"),
+                OpKind::Rate {
+                    algorithm: Algorithm::FixedWindow,
+                    ..
+                } => key.push_str(":w"),
+                _ => {}
+            }
+            call.arg(key);
+        }
+        // the decision record when something spends, the lease record when one is taken
+        if spends {
+            call.arg(self.decision(plan.decision));
+        }
+        if let Some(l) = &plan.lease {
+            call.arg(self.lease(l.id));
+        }
+        call.arg(plan.now)
+            .arg(plan.reservation_ttl_ms)
+            .arg(format!("{:032x}", plan.decision))
+            .arg(u8::from(mode == Apply::Commit))
+            .arg(&self.prefix);
+        match &plan.lease {
+            Some(l) => {
+                let mut lease = json!({"id": format!("{:032x}", l.id), "resource": l.resource, "subject": l.subject});
+                if let Some(e) = l.expires_at {
+                    lease["exp"] = json!(e);
+                }
+                call.arg(lease.to_string())
+            }
+            None => call.arg(""),
+        };
+        let optional = |v: Option<i64>| v.map_or_else(String::new, |v| v.to_string());
+        for op in &plan.ops {
+            let enforcing = u8::from(op.enforcing);
+            // seven per operation: type, enforcing, then five by type (see apply.lua)
+            match &op.kind {
                 OpKind::Rate {
                     algorithm,
                     limit,
@@ -257,91 +301,59 @@ impl Ledger for RedisLedger {
                         Algorithm::FixedWindow => "fw",
                         Algorithm::SlidingWindow => "sw",
                     };
-                    // a bucket's and a window's one string key (see apply.lua)
-                    match algorithm {
-                        Algorithm::TokenBucket => key.push_str(":b"),
-                        Algorithm::FixedWindow => key.push_str(":w"),
-                        Algorithm::SlidingWindow => {}
-                    }
-                    (
-                        kind,
-                        limit.to_string(),
-                        per_ms.to_string(),
-                        burst.to_string(),
-                        String::new(),
-                        String::new(),
-                    )
+                    call.arg(kind)
+                        .arg(enforcing)
+                        .arg(*limit)
+                        .arg(*per_ms)
+                        .arg(*burst)
+                        .arg("")
+                        .arg("")
                 }
                 OpKind::Spend {
                     window_start,
                     window_ms,
                     limit,
                     amount,
-                } => (
-                    "sp",
-                    limit.0.to_string(),
-                    amount.0.to_string(),
-                    text(Some(*window_start).filter(|w| *w != i64::MIN)),
-                    text(*window_ms),
-                    label(&op.key),
-                ),
+                } => call
+                    .arg("sp")
+                    .arg(enforcing)
+                    .arg(limit.0)
+                    .arg(amount.0)
+                    .arg(optional(Some(*window_start).filter(|w| *w != i64::MIN)))
+                    .arg(optional(*window_ms))
+                    .arg(label(&op.key)),
                 OpKind::Forecast {
                     lookback_ms,
                     monthly_budget,
-                } => (
-                    "fc",
-                    lookback_ms.to_string(),
-                    monthly_budget.0.to_string(),
-                    String::new(),
-                    String::new(),
-                    label(&op.key),
-                ),
-                OpKind::Lease { max, resource } => (
-                    "ls",
-                    max.to_string(),
-                    resource.clone(),
-                    json!(
-                        op.key
-                            .by
-                            .iter()
-                            .map(ToString::to_string)
-                            .collect::<Vec<_>>()
+                } => call
+                    .arg("fc")
+                    .arg(enforcing)
+                    .arg(*lookback_ms)
+                    .arg(monthly_budget.0)
+                    .arg("")
+                    .arg("")
+                    .arg(label(&op.key)),
+                OpKind::Lease { max, resource } => call
+                    .arg("ls")
+                    .arg(enforcing)
+                    .arg(*max)
+                    .arg(resource)
+                    .arg(
+                        json!(
+                            op.key
+                                .by
+                                .iter()
+                                .map(ToString::to_string)
+                                .collect::<Vec<_>>()
+                        )
+                        .to_string(),
                     )
-                    .to_string(),
-                    json!(op.key.values.as_slice()).to_string(),
-                    String::new(),
-                ),
+                    .arg(json!(op.key.values.as_slice()).to_string())
+                    .arg(""),
             };
-            spends |= matches!(op.kind, OpKind::Spend { .. } | OpKind::Forecast { .. });
-            keys.push(key);
-            args.extend([
-                kind.to_string(),
-                u8::from(op.enforcing).to_string(),
-                a,
-                b,
-                c,
-                d,
-                label_text,
-            ]);
-        }
-        // the decision record when something spends, the lease record when one is taken
-        if spends {
-            keys.push(self.decision(plan.decision));
-        }
-        if let Some(l) = &plan.lease {
-            keys.push(self.lease(l.id));
         }
         // Four numbers per operation: granted, used, remaining, retry after (-1: none).
-        let flat: Vec<i64> = self.with(|c| {
-            let mut inv = self.apply.prepare_invoke();
-            for k in &keys {
-                inv.key(k);
-            }
-            for a in &args {
-                inv.arg(a);
-            }
-            inv.invoke(c)
-        })?;
+        let flat: Vec<i64> = self.with(|c| eval(c, &self.apply, &call))?;
         if flat.len() != 4 * plan.ops.len() {
             return Err(LedgerError(format!(
                 "redis: apply.lua answered {} numbers for {} operations",

@@ -1,0 +1,61 @@
+//! Scripts are called by SHA and loaded again when Redis no longer has them (a restart,
+//! a `SCRIPT FLUSH`), with the counters as they were (needs `TOLLGATE_TEST_REDIS`).
+
+use std::sync::Arc;
+
+use tollgate::{Engine, ManualClock, Micros, Request};
+use tollgate_redis::RedisLedger;
+
+#[test]
+fn a_flushed_script_is_loaded_again() {
+    let Ok(url) = std::env::var("TOLLGATE_TEST_REDIS") else {
+        eprintln!("note: TOLLGATE_TEST_REDIS is not set; skipping");
+        return;
+    };
+    let prefix = format!("tollgate-test:scripts:{}", std::process::id());
+    let ledger = Arc::new(RedisLedger::connect(&url, &prefix, 1).unwrap());
+    let engine = Engine::builder()
+        .clock(Arc::new(ManualClock::new(1_767_225_600_000)))
+        .ledger(ledger.clone())
+        .build_from_text(
+            "policies: [{name: p, rules: [
+               {id: rpm, type: rate, limit: 2, per: 1h, by: [user]},
+               {id: b, type: budget, limit_usd: 10, period: total, by: [user]}]}]",
+        )
+        .unwrap();
+    let mut request = Request::default();
+    request.subject.user = Some("u".into());
+    request.estimate.cost_usd = Some(Micros(400_000));
+    let mut redis = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let mut allowed = Vec::new();
+    for _ in 0..4 {
+        // Before every check: Redis forgets every script.
+        redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query::<()>(&mut redis)
+            .unwrap();
+        let decision = engine.check(&request);
+        assert!(
+            decision
+                .reason
+                .as_deref()
+                .is_none_or(|r| !r.contains("backend")),
+            "{decision:?}"
+        );
+        allowed.push((decision.allowed, decision.rule));
+    }
+    ledger.delete_all().unwrap();
+    // The bucket kept its two requests of the hour through every flush.
+    assert_eq!(
+        allowed,
+        [
+            (true, None),
+            (true, None),
+            (false, Some("rpm".to_string())),
+            (false, Some("rpm".to_string())),
+        ]
+    );
+}
