@@ -17,14 +17,8 @@ const THREADS: usize = 2;
 const PER_THREAD: usize = 20_000;
 const ROUNDS: usize = 5;
 
-const BUCKET: &str = r"
-local h = redis.call('HMGET', KEYS[1], 'u', 'l')
-local now, cap, rate = tonumber(ARGV[1]), 1e12, 1
-local u = tonumber(h[1]) or cap
-local l = tonumber(h[2]) or now
-u = math.min(cap, u + (now - l) * rate)
-if u >= 1 then redis.call('HSET', KEYS[1], 'u', u - 1, 'l', now) return 1 end
-return 0";
+// Shared with bench/redis_script_cost.sh.
+const BUCKET: &str = include_str!("../../../bench/bare_bucket.lua");
 
 /// What `INFO commandstats` says of script calls so far: how many were sent by clients
 /// (EVALSHA, EVAL, SCRIPT LOAD — each a round trip; commands run inside scripts are not
