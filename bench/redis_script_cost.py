@@ -4,8 +4,8 @@ machine): microseconds Redis spends per EVALSHA, from INFO commandstats.
     bench/redis_script_cost.sh A.lua B.lua [KIND_A KIND_B]
 
 KIND is how a script is called: `tb` (apply.lua's arguments for one token bucket, on
-1,000 keys), `bare` (redis_bench's bare bucket: one argument) or `bare13` (the bare
-bucket with apply.lua's thirteen arguments). Run with `bench/redis_script_cost.sh`.
+1,000 keys), `bare` (the bare bucket of redis_bench: one argument) or `bare13` (the bare
+bucket with twelve more arguments it does not read). Run with `bench/redis_script_cost.sh`.
 """
 import os
 import sys
@@ -19,13 +19,19 @@ prefix = f"tollgate-script-cost:{os.getpid()}"
 
 
 def tb_args(i):
-    return (t0 + i // 10, 900000, "0" * 32, 1, prefix, "", "tb", 1, 1000000000, 60000, 1, "", "")
+    # now, commit, one operation: a token bucket, enforcing, limit, per, burst
+    return (t0 + i // 10, 1, 1, "tb", 1, 1000000000, 60000, 1)
+
+
+def padded_args(i):
+    # the bare bucket's one argument and twelve it does not read
+    return (t0 + i // 10,) + ("0",) * 12
 
 
 KINDS = {
     "tb": (lambda i: (1, f"{prefix}:tb:{i % 1000}"), tb_args),
     "bare": (lambda i: (1, f"{prefix}:bare:{i % 1000}"), lambda i: (t0 + i // 10,)),
-    "bare13": (lambda i: (1, f"{prefix}:bare:{i % 1000}"), tb_args),
+    "bare13": (lambda i: (1, f"{prefix}:bare:{i % 1000}"), padded_args),
 }
 
 

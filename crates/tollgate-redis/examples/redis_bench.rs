@@ -67,11 +67,26 @@ struct Run {
     rate: f64,
     usec: f64,
     round_trips: f64,
+    /// This process's CPU time (user and system, every thread) per call.
+    client_usec: f64,
+}
+
+/// CPU time this process has used so far, in microseconds.
+fn process_cpu_usec() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let usec = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
+    usec(usage.ru_utime) + usec(usage.ru_stime)
 }
 
 /// Runs `call(thread, i)` PER_THREAD times on each of THREADS threads.
 fn measure(url: &str, call: impl Fn(usize, usize) + Sync) -> Run {
     let before = script_stats(url);
+    let cpu = process_cpu_usec();
     let start = Instant::now();
     std::thread::scope(|s| {
         for t in 0..THREADS {
@@ -81,11 +96,13 @@ fn measure(url: &str, call: impl Fn(usize, usize) + Sync) -> Run {
     });
     let calls = (THREADS * PER_THREAD) as f64;
     let rate = calls / start.elapsed().as_secs_f64();
+    let client_usec = (process_cpu_usec() - cpu) / calls;
     let after = script_stats(url);
     Run {
         rate,
         usec: (after.evalsha_usec - before.evalsha_usec) as f64 / calls,
         round_trips: (after.calls - before.calls) as f64 / calls,
+        client_usec,
     }
 }
 
@@ -160,17 +177,18 @@ fn main() {
     for round in 1..=ROUNDS {
         let base = baseline();
         println!(
-            "round {round}: bare Lua token bucket (EVALSHA): {:.0} calls/s, {:.1} µs in Redis per call",
-            base.rate, base.usec
+            "round {round}: bare Lua token bucket (EVALSHA): {:.0} calls/s, {:.1} µs in Redis and {:.1} µs of client CPU per call",
+            base.rate, base.usec, base.client_usec
         );
         for ((name, _), (engine, ratios)) in policies.iter().zip(engines.iter().zip(&mut ratios)) {
             let run = decide(engine);
             ratios.push(run.rate / base.rate);
             println!(
-                "round {round}: tollgate, {name}: {:.0} decisions/s, ratio {:.2}, {:.1} µs in Redis per decision, {:.2} round trips per decision",
+                "round {round}: tollgate, {name}: {:.0} decisions/s, ratio {:.2}, {:.1} µs in Redis and {:.1} µs of client CPU per decision, {:.2} round trips per decision",
                 run.rate,
                 run.rate / base.rate,
                 run.usec,
+                run.client_usec,
                 run.round_trips
             );
         }

@@ -3,43 +3,64 @@
 -- with their ':b' and ':w' suffixes); then the decision record when an operation spends
 -- or forecasts, and last the lease record when the plan takes a lease (keys a call does
 -- not use are not sent).
--- ARGV, flat (lib.rs; no JSON to decode on the hot path): now, ttl, decision, commit
--- (1/0), prefix, lease (JSON or empty), then 7 per operation: type, enforcing (1/0) and
---   tb/fw/sw: limit, per, burst, -, -
+-- ARGV, flat (lib.rs; no JSON to decode on the hot path): now, commit (1/0), the number
+-- of operations, then per operation its type, enforcing (1/0) and
+--   tb/fw/sw: limit, per, burst
 --   sp: limit, amount, window start (empty: total), window ms (empty: none), label
---   fc: lookback, monthly budget, -, -, label
---   ls: max, resource, by (JSON), values (JSON), -
-local HEADER, STRIDE = 6, 7
+--   fc: lookback, monthly budget, label
+--   ls: max, resource, by (JSON), values (JSON)
+-- and last, unless every operation is a token bucket or a fixed window: the reservation
+-- TTL, the decision id, the key prefix and the lease (JSON or empty). Redis makes a Lua
+-- string of every argument on every call, so a call carries only those its plan reads.
 -- Locals, not tables: the script runs whole on every call, in Redis's one thread.
-local now, ttl, decision, commit, prefix =
-  tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4] == '1', ARGV[5]
-local lease = nil
-if ARGV[6] ~= '' then lease = cjson.decode(ARGV[6]) end
-local n = (#ARGV - HEADER) / STRIDE
-
--- Spend, forecast and lease operations as tables (their helpers take them); rate
--- operations are read straight from ARGV where they are answered.
-local function parse_op(t, b)
-  local op = {t = t}
+local now, commit, n = tonumber(ARGV[1]), ARGV[2] == '1', tonumber(ARGV[3])
+-- Where each operation's arguments start (one before its type), and what the plan holds.
+local at = {}
+local has_spend, has_tables = false, false
+local c = 3
+for i = 1, n do
+  local t = ARGV[c + 1]
+  at[i] = c
   if t == 'sp' then
-    op.limit, op.amount = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
-    op.ws, op.wms, op.label = tonumber(ARGV[b + 5]), tonumber(ARGV[b + 6]), ARGV[b + 7]
+    c, has_spend, has_tables = c + 7, true, true
   elseif t == 'fc' then
-    op.lookback, op.budget, op.label = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]), ARGV[b + 7]
+    c, has_spend, has_tables = c + 5, true, true
+  elseif t == 'ls' then
+    c, has_tables = c + 6, true
   else
-    op.max, op.resource = tonumber(ARGV[b + 3]), ARGV[b + 4]
-    op.by, op.values = cjson.decode(ARGV[b + 5]), cjson.decode(ARGV[b + 6])
+    c = c + 5
   end
-  return op
+end
+local ttl, decision, prefix, lease = 0, '', '', nil
+if ARGV[c + 1] ~= nil then
+  ttl, decision, prefix = tonumber(ARGV[c + 1]), ARGV[c + 2], ARGV[c + 3]
+  if ARGV[c + 4] ~= '' then lease = cjson.decode(ARGV[c + 4]) end
+end
+
+-- Spend, forecast and lease operations as tables (their helpers take them), kept in ops
+-- with the counters' states; rate operations are read straight from ARGV where they are
+-- answered. A rate-only call makes none of these: every table and closure a call makes
+-- is garbage for Redis's Lua to collect.
+local parse_op, ops, states
+if has_tables then
+  ops, states = {}, {}
+  parse_op = function(t, b)
+    local op = {t = t}
+    if t == 'sp' then
+      op.limit, op.amount = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
+      op.ws, op.wms, op.label = tonumber(ARGV[b + 5]), tonumber(ARGV[b + 6]), ARGV[b + 7]
+    elseif t == 'fc' then
+      op.lookback, op.budget, op.label = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]), ARGV[b + 5]
+    else
+      op.max, op.resource = tonumber(ARGV[b + 3]), ARGV[b + 4]
+      op.by, op.values = cjson.decode(ARGV[b + 5]), cjson.decode(ARGV[b + 6])
+    end
+    return op
+  end
 end
 
 -- The spend machinery exists only in calls that need it: defining its functions and
 -- tables on every call would cost a rate-only decision about as much as its own work.
-local has_spend = false
-for i = 1, n do
-  local t = ARGV[HEADER + (i - 1) * STRIDE + 1]
-  if t == 'sp' or t == 'fc' then has_spend = true end
-end
 local DAY = 86400000
 local num, each_batch, spend, int, write_spend, commit_spend, retry_after, SPEND_FIELDS, BOUNDS
 if has_spend then
@@ -275,16 +296,17 @@ local function set_counter(key, a, b, deadline, need)
 end
 
 -- Results are flat, four numbers per operation: granted (1/0), used, remaining, retry
--- after in ms (-1: none).
-local results = {}
-local ops, effects, states = {}, {}, {}
+-- after in ms (-1: none). What a granted rate operation writes when committed is flat
+-- too, in fx at the same places (one table for the call, not one per operation).
+local results, fx = {}, {}
 local blocked = false
 for i = 1, n do
-  local b = HEADER + (i - 1) * STRIDE
+  local b = at[i]
   local t = ARGV[b + 1]
   local enforcing = ARGV[b + 2] == '1'
   local key = KEYS[i]
-  local granted, used, remaining, retry, effect = false, 0, 0, -1, nil
+  local r = 4 * (i - 1)
+  local granted, used, remaining, retry = false, 0, 0, -1
   if t == 'tb' then
     -- One string per bucket, '<units> <last> <deadline>': a read and a write, as a bare
     -- token bucket does.
@@ -302,7 +324,8 @@ for i = 1, n do
       local after = cur - per
       remaining = math.floor(after / per)
       -- the key may lapse once the bucket is full again
-      effect = {after, now, deadline, now + math.ceil((capacity - after) / limit) + 1000}
+      fx[r + 1], fx[r + 2], fx[r + 3], fx[r + 4] =
+        after, now, deadline, now + math.ceil((capacity - after) / limit) + 1000
     else
       retry = math.max(1, math.ceil((per - cur) / limit))
     end
@@ -319,7 +342,7 @@ for i = 1, n do
       granted = true
       remaining = limit - taken - 1
       -- the key may lapse once its window is over
-      effect = {window, taken + 1, deadline, window_end + 1000}
+      fx[r + 1], fx[r + 2], fx[r + 3], fx[r + 4] = window, taken + 1, deadline, window_end + 1000
     else
       retry = math.max(1, window_end - now)
     end
@@ -331,7 +354,7 @@ for i = 1, n do
     if taken < limit then
       granted = true
       remaining = limit - taken - 1
-      effect = per
+      fx[r + 1] = per
     else
       local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
       retry = math.max(1, tonumber(oldest[2]) + per - now + 1)
@@ -348,7 +371,6 @@ for i = 1, n do
     if refused and ws ~= nil and op.wms ~= nil then
       retry = retry_after(key, ws, op.wms, used, op.amount, op.limit)
     end
-    effect = true
   elseif t == 'fc' then
     local op = parse_op(t, b)
     ops[i] = op
@@ -357,7 +379,6 @@ for i = 1, n do
     granted = spent * 30 * DAY < op.budget * op.lookback
     used = math.floor(spent * 30 * DAY / op.lookback)
     remaining = math.max(0, op.budget - used)
-    effect = true
   elseif t == 'ls' then
     local op = parse_op(t, b)
     -- A counter seen for the first time starts from the live leases of its resource
@@ -391,35 +412,32 @@ for i = 1, n do
     used = live
     granted = live < op.max
     remaining = math.max(0, op.max - live - (granted and 1 or 0))
-    effect = true
   end
   if enforcing and not granted then blocked = true end
-  local r = 4 * (i - 1)
   results[r + 1], results[r + 2], results[r + 3], results[r + 4] = granted and 1 or 0, used, remaining, retry
-  effects[i] = effect
 end
 
 if commit and not blocked then
-  local sinks = {}
-  local lease_keys = {}
+  local sinks = has_spend and {} or nil
+  local lease_keys = lease and {} or nil
   for i = 1, n do
-    local key, t, effect = KEYS[i], ARGV[HEADER + (i - 1) * STRIDE + 1], effects[i]
-    if (t == 'tb' or t == 'fw') and effect then
-      set_counter(key, effect[1], effect[2], effect[3], effect[4])
-    elseif t == 'sw' and effect then
+    local key, t, r = KEYS[i], ARGV[at[i] + 1], 4 * (i - 1)
+    if (t == 'tb' or t == 'fw') and fx[r + 1] ~= nil then
+      set_counter(key, fx[r + 1], fx[r + 2], fx[r + 3], fx[r + 4])
+    elseif t == 'sw' and fx[r + 1] ~= nil then
       redis.call('ZADD', key, now, now .. ':' .. decision .. ':' .. i)
-      redis.call('PEXPIRE', key, effect + 1000)
+      redis.call('PEXPIRE', key, fx[r + 1] + 1000)
     elseif t == 'sp' or t == 'fc' then
       commit_spend(key, ops[i], states[i], t == 'sp' and ops[i].amount > 0)
       table.insert(sinks, key)
     elseif t == 'ls' and lease then
-      if results[4 * (i - 1) + 1] == 1 or ARGV[HEADER + (i - 1) * STRIDE + 2] == '0' then
+      if results[r + 1] == 1 or ARGV[at[i] + 2] == '0' then
         redis.call('ZADD', key, lease.exp or '+inf', lease.id)
         table.insert(lease_keys, key)
       end
     end
   end
-  if #sinks > 0 then
+  if has_spend and #sinks > 0 then
     local record = KEYS[n + 1]
     redis.call('HSET', record, 'at', now, 'sinks', cjson.encode(sinks), 'recorded', 0)
     redis.call('PEXPIRE', record, 2 * math.max(ttl, 60000))
@@ -431,7 +449,9 @@ if commit and not blocked then
   end
 end
 -- Folds and expiries made while answering are kept even when nothing was committed.
-for i, st in pairs(states) do
-  if st.dirty then write_spend(KEYS[i], st, {}) end
+if has_spend then
+  for i, st in pairs(states) do
+    if st.dirty then write_spend(KEYS[i], st, {}) end
+  end
 end
 return results

@@ -121,9 +121,11 @@ impl RedisLedger {
     }
 }
 
-/// Arguments before the operations in a call of apply.lua, and arguments per operation.
-const PLAN_HEADER: usize = 6;
-const OP_STRIDE: usize = 7;
+/// Arguments of a call of apply.lua before the operations, at most per operation, and
+/// after them.
+const PLAN_HEADER: usize = 3;
+const OP_ARGS: usize = 7;
+const PLAN_TAIL: usize = 4;
 
 /// A counter's label as JSON: `{"by", "policy", "rule", "values"}`, in the order the
 /// labels already stored have (they are read back into `SpendSink`s). Serialised from
@@ -243,7 +245,7 @@ impl Ledger for RedisLedger {
             .any(|op| matches!(op.kind, OpKind::Spend { .. } | OpKind::Forecast { .. }));
         let keys = plan.ops.len() + usize::from(spends) + usize::from(plan.lease.is_some());
         let mut call = Cmd::with_capacity(
-            3 + keys + PLAN_HEADER + OP_STRIDE * plan.ops.len(),
+            3 + keys + PLAN_HEADER + OP_ARGS * plan.ops.len() + PLAN_TAIL,
             128 * (plan.ops.len() + 1),
         );
         call.arg("EVALSHA").arg(self.apply.get_hash()).arg(keys);
@@ -271,24 +273,12 @@ impl Ledger for RedisLedger {
             call.arg(self.lease(l.id));
         }
         call.arg(plan.now)
-            .arg(plan.reservation_ttl_ms)
-            .arg(format!("{:032x}", plan.decision))
             .arg(u8::from(mode == Apply::Commit))
-            .arg(&self.prefix);
-        match &plan.lease {
-            Some(l) => {
-                let mut lease = json!({"id": format!("{:032x}", l.id), "resource": l.resource, "subject": l.subject});
-                if let Some(e) = l.expires_at {
-                    lease["exp"] = json!(e);
-                }
-                call.arg(lease.to_string())
-            }
-            None => call.arg(""),
-        };
+            .arg(plan.ops.len());
         let optional = |v: Option<i64>| v.map_or_else(String::new, |v| v.to_string());
         for op in &plan.ops {
             let enforcing = u8::from(op.enforcing);
-            // seven per operation: type, enforcing, then five by type (see apply.lua)
+            // type, enforcing, then what the type needs (see apply.lua)
             match &op.kind {
                 OpKind::Rate {
                     algorithm,
@@ -306,8 +296,6 @@ impl Ledger for RedisLedger {
                         .arg(*limit)
                         .arg(*per_ms)
                         .arg(*burst)
-                        .arg("")
-                        .arg("")
                 }
                 OpKind::Spend {
                     window_start,
@@ -330,8 +318,6 @@ impl Ledger for RedisLedger {
                     .arg(enforcing)
                     .arg(*lookback_ms)
                     .arg(monthly_budget.0)
-                    .arg("")
-                    .arg("")
                     .arg(label(&op.key)),
                 OpKind::Lease { max, resource } => call
                     .arg("ls")
@@ -348,8 +334,34 @@ impl Ledger for RedisLedger {
                         )
                         .to_string(),
                     )
-                    .arg(json!(op.key.values.as_slice()).to_string())
-                    .arg(""),
+                    .arg(json!(op.key.values.as_slice()).to_string()),
+            };
+        }
+        // What only reservations, sliding windows and leases read: a plan of token buckets
+        // and fixed windows leaves it out.
+        let rates_only = plan.lease.is_none()
+            && plan.ops.iter().all(|op| {
+                matches!(
+                    op.kind,
+                    OpKind::Rate {
+                        algorithm: Algorithm::TokenBucket | Algorithm::FixedWindow,
+                        ..
+                    }
+                )
+            });
+        if !rates_only {
+            call.arg(plan.reservation_ttl_ms)
+                .arg(format!("{:032x}", plan.decision))
+                .arg(&self.prefix);
+            match &plan.lease {
+                Some(l) => {
+                    let mut lease = json!({"id": format!("{:032x}", l.id), "resource": l.resource, "subject": l.subject});
+                    if let Some(e) = l.expires_at {
+                        lease["exp"] = json!(e);
+                    }
+                    call.arg(lease.to_string())
+                }
+                None => call.arg(""),
             };
         }
         // Four numbers per operation: granted, used, remaining, retry after (-1: none).
