@@ -1,8 +1,10 @@
 //! Decisions per second through the Redis ledger against a same-run baseline: a bare
 //! token-bucket Lua script called by SHA on the same kind of connection, and the number
-//! of Redis commands (round trips) per decision. Baseline and tollgate alternate over
-//! several rounds and the median ratio is reported: this machine's speed drifts within
-//! seconds.
+//! of Redis commands (round trips) per decision. This machine's speed drifts within
+//! seconds, so baseline and tollgate alternate in short rounds (a fifth of a second or so
+//! each), and the ratio is of their totals over every round; the spread of the rounds'
+//! own ratios is printed beside it. Requests and keys are made before timing, on both
+//! sides.
 //!
 //! `cargo run --release -p tollgate-redis --example redis_bench -- redis://127.0.0.1:6379`
 
@@ -14,8 +16,8 @@ use tollgate::{Engine, Micros, Request, SystemClock};
 use tollgate_redis::RedisLedger;
 
 const THREADS: usize = 2;
-const PER_THREAD: usize = 20_000;
-const ROUNDS: usize = 5;
+const PER_THREAD: usize = 4_000;
+const ROUNDS: usize = 25;
 
 // Shared with bench/redis_script_cost.sh.
 const BUCKET: &str = include_str!("../../../bench/bare_bucket.lua");
@@ -62,8 +64,11 @@ fn script_stats(url: &str) -> ScriptStats {
     stats
 }
 
-/// Calls per second and microseconds spent in Redis per call.
+/// One side's measures over a run of calls.
+#[derive(Default)]
 struct Run {
+    calls: f64,
+    seconds: f64,
     rate: f64,
     usec: f64,
     round_trips: f64,
@@ -95,14 +100,37 @@ fn measure(url: &str, call: impl Fn(usize, usize) + Sync) -> Run {
         }
     });
     let calls = (THREADS * PER_THREAD) as f64;
-    let rate = calls / start.elapsed().as_secs_f64();
+    let seconds = start.elapsed().as_secs_f64();
     let client_usec = (process_cpu_usec() - cpu) / calls;
     let after = script_stats(url);
     Run {
-        rate,
+        calls,
+        seconds,
+        rate: calls / seconds,
         usec: (after.evalsha_usec - before.evalsha_usec) as f64 / calls,
         round_trips: (after.calls - before.calls) as f64 / calls,
         client_usec,
+    }
+}
+
+impl Run {
+    /// Adds a round, weighting the per-call figures by its calls.
+    fn add(&mut self, round: &Run) {
+        let calls = self.calls + round.calls;
+        let mean = |a: f64, b: f64| (a * self.calls + b * round.calls) / calls;
+        self.usec = mean(self.usec, round.usec);
+        self.client_usec = mean(self.client_usec, round.client_usec);
+        self.round_trips = mean(self.round_trips, round.round_trips);
+        self.calls = calls;
+        self.seconds += round.seconds;
+        self.rate = self.calls / self.seconds;
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{:.0}/s, {:.1} µs in Redis and {:.1} µs of client CPU per call, {:.2} round trips per call",
+            self.rate, self.usec, self.client_usec, self.round_trips
+        )
     }
 }
 
@@ -129,9 +157,10 @@ fn main() {
             )
         })
         .collect();
+    let keys: Vec<String> = (0..1000).map(|k| format!("{prefix}:base:{k}")).collect();
     let baseline = || {
         measure(&url, |t, i| {
-            let key = format!("{prefix}:base:{}", (t * PER_THREAD + i) % 1000);
+            let key = &keys[(t * PER_THREAD + i) % 1000];
             let mut c = connections[t].lock().unwrap();
             let _: i64 = script.key(key).arg(i as i64).invoke(&mut *c).unwrap();
         })
@@ -164,39 +193,47 @@ fn main() {
                 .unwrap()
         })
         .collect();
+    let requests: Vec<Request> = (0..1000)
+        .map(|k| {
+            let mut r = Request::default();
+            r.subject.user = Some(format!("u{k}"));
+            r.subject.team = Some(format!("t{}", k % 10));
+            r.estimate.cost_usd = Some(Micros(10));
+            r
+        })
+        .collect();
     let decide = |engine: &Engine| {
         measure(&url, |t, i| {
-            let mut r = Request::default();
-            r.subject.user = Some(format!("u{}", (t * PER_THREAD + i) % 1000));
-            r.subject.team = Some(format!("t{}", i % 10));
-            r.estimate.cost_usd = Some(Micros(10));
-            assert!(engine.check(&r).allowed);
+            assert!(engine.check(&requests[(t * PER_THREAD + i) % 1000]).allowed);
         })
     };
+    let mut base_total = Run::default();
+    let mut totals: Vec<Run> = policies.iter().map(|_| Run::default()).collect();
     let mut ratios = vec![Vec::new(); policies.len()];
     for round in 1..=ROUNDS {
         let base = baseline();
-        println!(
-            "round {round}: bare Lua token bucket (EVALSHA): {:.0} calls/s, {:.1} µs in Redis and {:.1} µs of client CPU per call",
-            base.rate, base.usec, base.client_usec
-        );
-        for ((name, _), (engine, ratios)) in policies.iter().zip(engines.iter().zip(&mut ratios)) {
+        base_total.add(&base);
+        let mut line = format!("round {round}:");
+        for (i, engine) in engines.iter().enumerate() {
             let run = decide(engine);
-            ratios.push(run.rate / base.rate);
-            println!(
-                "round {round}: tollgate, {name}: {:.0} decisions/s, ratio {:.2}, {:.1} µs in Redis and {:.1} µs of client CPU per decision, {:.2} round trips per decision",
-                run.rate,
-                run.rate / base.rate,
-                run.usec,
-                run.client_usec,
-                run.round_trips
-            );
+            totals[i].add(&run);
+            ratios[i].push(run.rate / base.rate);
+            line += &format!(" {:.2}", run.rate / base.rate);
         }
+        println!("{line} (ratio per policy)");
     }
-    for ((name, _), ratios) in policies.iter().zip(ratios) {
+    println!("bare Lua token bucket (EVALSHA): {}", base_total.describe());
+    for (((name, _), total), ratios) in policies.iter().zip(&totals).zip(ratios) {
+        let spread = {
+            let mut r = ratios.clone();
+            r.sort_by(f64::total_cmp);
+            format!("rounds {:.2}–{:.2}", r[0], r[r.len() - 1])
+        };
+        println!("tollgate, {name}: {}", total.describe());
         println!(
-            "median ratio over {ROUNDS} rounds, {name}: {:.2}",
-            median(ratios)
+            "ratio over {ROUNDS} interleaved rounds, {name}: {:.2} (median round {:.2}; {spread})",
+            total.rate / base_total.rate,
+            median(ratios),
         );
     }
     ledger.delete_all().unwrap();

@@ -14,6 +14,69 @@
 -- string of every argument on every call, so a call carries only those its plan reads.
 -- Locals, not tables: the script runs whole on every call, in Redis's one thread.
 local now, commit, n = tonumber(ARGV[1]), ARGV[2] == '1', tonumber(ARGV[3])
+
+-- Rate counters are one string of integers, '<a> <b> <deadline>': the deadline is when
+-- the key expires. A lifetime is set (SET … PX) only when the key must outlive it, and
+-- kept (SET … KEEPTTL) otherwise: setting it costs Redis as much as the rest of the SET.
+local function get_counter(key)
+  local v = redis.call('GET', key)
+  if not v then return nil end
+  local a, b, deadline = string.match(v, '^(%S+) (%S+) ?(%S*)$')
+  return tonumber(a), tonumber(b), tonumber(deadline)
+end
+
+-- Writes '<a> <b>' for a key that must live until `need`; `deadline` is the one it has.
+local function set_counter(key, a, b, deadline, need)
+  if deadline ~= nil and deadline >= need then
+    redis.call('SET', key, string.format('%d %d %d', a, b, deadline), 'KEEPTTL')
+  else
+    -- with room, so that a busy key's lifetime is not set on every call
+    local life = need - now
+    life = life + math.max(1000, math.floor(life / 8))
+    redis.call('SET', key, string.format('%d %d %d', a, b, now + life), 'PX', life)
+  end
+end
+
+-- Answers a token bucket ('tb': one string per bucket, '<units> <last> <deadline>', a
+-- read and a write as a bare bucket does) or a fixed window ('fw': '<window> <count>
+-- <deadline>') whose arguments start after ARGV[b]: granted, used, remaining, retry
+-- after, and when granted what committing writes (a, b, the key's deadline, when it may
+-- lapse) — values, not a table.
+local function answer_rate(key, t, b)
+  local limit, per = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
+  local x, y, deadline = get_counter(key)
+  if t == 'tb' then
+    local capacity = tonumber(ARGV[b + 5]) * per
+    local cur = capacity
+    if x ~= nil then
+      local elapsed = math.max(0, now - y)
+      if elapsed * limit >= capacity - x then cur = capacity else cur = x + elapsed * limit end
+    end
+    local used = math.floor((capacity - cur) / per)
+    if cur < per then return false, used, 0, math.max(1, math.ceil((per - cur) / limit)) end
+    local after = cur - per
+    -- the key may lapse once the bucket is full again
+    return true, used, math.floor(after / per), -1,
+      after, now, deadline, now + math.ceil((capacity - after) / limit) + 1000
+  end
+  local window = math.floor(now / per)
+  local taken = 0
+  if x == window then taken = y or 0 end
+  local window_end = (window + 1) * per
+  if taken >= limit then return false, taken, 0, math.max(1, window_end - now) end
+  -- the key may lapse once its window is over
+  return true, taken, limit - taken - 1, -1, window, taken + 1, deadline, window_end + 1000
+end
+
+-- The commonest plan, one token bucket or fixed window and no lease (nothing after its
+-- arguments), is answered and committed in one pass with no table: Redis's Lua costs
+-- tens of nanoseconds a statement, and the general walk below would cost such a call
+-- about a quarter of its time in Redis.
+if n == 1 and (ARGV[4] == 'tb' or ARGV[4] == 'fw') and ARGV[9] == nil then
+  local granted, used, remaining, retry, a, b, deadline, need = answer_rate(KEYS[1], ARGV[4], 3)
+  if commit and granted then set_counter(KEYS[1], a, b, deadline, need) end
+  return string.format('%d %d %d %d', granted and 1 or 0, used, remaining, retry)
+end
 -- Where each operation's arguments start (one before its type), and what the plan holds.
 local at = {}
 local has_spend, has_tables = false, false
@@ -273,30 +336,8 @@ if has_spend then
   end
 end
 
--- Rate counters are one string of integers, '<a> <b> <deadline>': the deadline is when
--- the key expires. A lifetime is set (SET … PX) only when the key must outlive it, and
--- kept (SET … KEEPTTL) otherwise: setting it costs Redis as much as the rest of the SET.
-local function get_counter(key)
-  local v = redis.call('GET', key)
-  if not v then return nil end
-  local a, b, deadline = string.match(v, '^(%S+) (%S+) ?(%S*)$')
-  return tonumber(a), tonumber(b), tonumber(deadline)
-end
-
--- Writes '<a> <b>' for a key that must live until `need`; `deadline` is the one it has.
-local function set_counter(key, a, b, deadline, need)
-  if deadline ~= nil and deadline >= need then
-    redis.call('SET', key, string.format('%d %d %d', a, b, deadline), 'KEEPTTL')
-  else
-    -- with room, so that a busy key's lifetime is not set on every call
-    local life = need - now
-    life = life + math.max(1000, math.floor(life / 8))
-    redis.call('SET', key, string.format('%d %d %d', a, b, now + life), 'PX', life)
-  end
-end
-
 -- Results are flat, four numbers per operation: granted (1/0), used, remaining, retry
--- after in ms (-1: none). What a granted rate operation writes when committed is flat
+-- after in ms (-1: none), answered as one string. What a granted rate operation writes when committed is flat
 -- too, in fx at the same places (one table for the call, not one per operation).
 local results, fx = {}, {}
 local blocked = false
@@ -307,45 +348,10 @@ for i = 1, n do
   local key = KEYS[i]
   local r = 4 * (i - 1)
   local granted, used, remaining, retry = false, 0, 0, -1
-  if t == 'tb' then
-    -- One string per bucket, '<units> <last> <deadline>': a read and a write, as a bare
-    -- token bucket does.
-    local limit, per, burst = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]), tonumber(ARGV[b + 5])
-    local u, l, deadline = get_counter(key)
-    local capacity = burst * per
-    local cur = capacity
-    if u ~= nil then
-      local elapsed = math.max(0, now - l)
-      if elapsed * limit >= capacity - u then cur = capacity else cur = u + elapsed * limit end
-    end
-    used = math.floor((capacity - cur) / per)
-    if cur >= per then
-      granted = true
-      local after = cur - per
-      remaining = math.floor(after / per)
-      -- the key may lapse once the bucket is full again
-      fx[r + 1], fx[r + 2], fx[r + 3], fx[r + 4] =
-        after, now, deadline, now + math.ceil((capacity - after) / limit) + 1000
-    else
-      retry = math.max(1, math.ceil((per - cur) / limit))
-    end
-  elseif t == 'fw' then
-    -- One string per counter, '<window> <count> <deadline>'.
-    local limit, per = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
-    local window = math.floor(now / per)
-    local taken = 0
-    local w, c, deadline = get_counter(key)
-    if w == window then taken = c or 0 end
-    used = taken
-    local window_end = (window + 1) * per
-    if taken < limit then
-      granted = true
-      remaining = limit - taken - 1
-      -- the key may lapse once its window is over
-      fx[r + 1], fx[r + 2], fx[r + 3], fx[r + 4] = window, taken + 1, deadline, window_end + 1000
-    else
-      retry = math.max(1, window_end - now)
-    end
+  if t == 'tb' or t == 'fw' then
+    local a, b2, deadline, need
+    granted, used, remaining, retry, a, b2, deadline, need = answer_rate(key, t, b)
+    if granted then fx[r + 1], fx[r + 2], fx[r + 3], fx[r + 4] = a, b2, deadline, need end
   elseif t == 'sw' then
     local limit, per = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
     redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. (now - per))
@@ -454,4 +460,7 @@ if has_spend then
     if st.dirty then write_spend(KEYS[i], st, {}) end
   end
 end
-return results
+-- One string of numbers, not an array of them: a client reads an array element by element,
+-- which cost it more than the script costs Redis. '%d' writes every digit (Lua's own
+-- conversion keeps 14).
+return string.format(string.rep('%d ', #results), unpack(results))

@@ -21,6 +21,7 @@ use parking_lot::Mutex;
 use redis::{
     Client, Cmd, Connection, ErrorKind, FromRedisValue, RedisResult, Script, ServerErrorKind,
 };
+use serde::Serializer as _;
 use serde_json::{Value, json};
 
 use tollgate::Micros;
@@ -105,11 +106,7 @@ impl RedisLedger {
 
     /// The Redis key of a counter: the same in every process.
     fn counter(&self, key: &CounterKey<'_>) -> String {
-        let mut parts: Vec<&str> = Vec::with_capacity(2 + key.values.len());
-        parts.extend([key.policy, key.rule]);
-        parts.extend(key.values.iter().copied());
-        let parts = serde_json::to_string(&parts).expect("strings serialise");
-        format!("{}:c:{parts}", self.prefix)
+        counter_key(&self.prefix, key)
     }
 
     fn decision(&self, id: u128) -> String {
@@ -119,6 +116,22 @@ impl RedisLedger {
     fn lease(&self, id: u128) -> String {
         format!("{}:l:{id:032x}", self.prefix)
     }
+}
+
+/// `<prefix>:c:` and the JSON array of policy, rule and values: the same in every process
+/// and every version (instances of two versions share the counters during an upgrade).
+/// Written into one buffer: a key is made for every operation of every decision.
+fn counter_key(prefix: &str, key: &CounterKey<'_>) -> String {
+    let mut text = Vec::with_capacity(prefix.len() + 16 + key.rule.len() * 4);
+    text.extend_from_slice(prefix.as_bytes());
+    text.extend_from_slice(b":c:");
+    let parts = [key.policy, key.rule]
+        .into_iter()
+        .chain(key.values.iter().copied());
+    serde_json::Serializer::new(&mut text)
+        .collect_seq(parts)
+        .expect("strings serialise");
+    String::from_utf8(text).expect("JSON of strings is UTF-8")
 }
 
 /// Arguments of a call of apply.lua before the operations, at most per operation, and
@@ -364,8 +377,14 @@ impl Ledger for RedisLedger {
                 None => call.arg(""),
             };
         }
-        // Four numbers per operation: granted, used, remaining, retry after (-1: none).
-        let flat: Vec<i64> = self.with(|c| eval(c, &self.apply, &call))?;
+        // Four numbers per operation: granted, used, remaining, retry after (-1: none),
+        // as one string of them.
+        let answer: String = self.with(|c| eval(c, &self.apply, &call))?;
+        let flat: Vec<i64> = answer
+            .split_ascii_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .map_err(|e| LedgerError(format!("redis: apply.lua answered `{answer}`: {e}")))?;
         if flat.len() != 4 * plan.ops.len() {
             return Err(LedgerError(format!(
                 "redis: apply.lua answered {} numbers for {} operations",
@@ -613,5 +632,19 @@ mod tests {
         })
         .to_string();
         assert_eq!(super::label(&key), stored);
+    }
+
+    /// Counters already in Redis keep their names (written by earlier versions as
+    /// `format!("{prefix}:c:{}", serde_json::to_string(&parts))`).
+    #[test]
+    fn counter_keys_keep_their_names() {
+        let by = [Dimension::parse("user").unwrap()];
+        let key = CounterKey::new("p", "r\"1", &by, vec!["u 1 é"]);
+        assert_eq!(
+            super::counter_key("tollgate", &key),
+            r#"tollgate:c:["p","r\"1","u 1 é"]"#
+        );
+        let shared = CounterKey::new("p", "all", &[], Vec::<&str>::new());
+        assert_eq!(super::counter_key("t", &shared), r#"t:c:["p","all"]"#);
     }
 }

@@ -1,13 +1,17 @@
 //! Scripts are called by SHA and loaded again when Redis no longer has them (a restart,
 //! a `SCRIPT FLUSH`), with the counters as they were (needs `TOLLGATE_TEST_REDIS`).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use tollgate::{Engine, ManualClock, Micros, Request};
+use tollgate::{Engine, ManualClock, Micros, Remaining, Request};
 use tollgate_redis::RedisLedger;
+
+/// The tests here run one at a time: one of them flushes every script Redis holds.
+static SERIAL: Mutex<()> = Mutex::new(());
 
 #[test]
 fn a_flushed_script_is_loaded_again() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Ok(url) = std::env::var("TOLLGATE_TEST_REDIS") else {
         eprintln!("note: TOLLGATE_TEST_REDIS is not set; skipping");
         return;
@@ -57,5 +61,36 @@ fn a_flushed_script_is_loaded_again() {
             (false, Some("rpm".to_string())),
             (false, Some("rpm".to_string())),
         ]
+    );
+}
+
+#[test]
+fn large_amounts_come_back_from_the_script_exactly() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Ok(url) = std::env::var("TOLLGATE_TEST_REDIS") else {
+        eprintln!("note: TOLLGATE_TEST_REDIS is not set; skipping");
+        return;
+    };
+    let prefix = format!("tollgate-test:scripts-large:{}", std::process::id());
+    let ledger = Arc::new(RedisLedger::connect(&url, &prefix, 1).unwrap());
+    // 5,000,000,000 USD is 5 × 10^15 micro-dollars: sixteen digits, more than Lua's own
+    // number-to-text conversion keeps.
+    let engine = Engine::builder()
+        .clock(Arc::new(ManualClock::new(1_767_225_600_000)))
+        .ledger(ledger.clone())
+        .build_from_text(
+            "policies: [{name: p, rules: [
+               {id: b, type: budget, limit_usd: 5000000000, period: total, by: [user]}]}]",
+        )
+        .unwrap();
+    let mut request = Request::default();
+    request.subject.user = Some("u".into());
+    request.estimate.cost_usd = Some(Micros(1));
+    let decision = engine.check(&request);
+    ledger.delete_all().unwrap();
+    assert!(decision.allowed, "{decision:?}");
+    assert_eq!(
+        decision.remaining.get("b"),
+        Some(&Remaining::Usd(Micros(4_999_999_999_999_999)))
     );
 }

@@ -231,6 +231,55 @@ pub fn leases_count_until_released_or_lapsed(name: &str, l: &dyn Ledger) {
     assert!(acquire(6, 1_000, None), "{name}");
 }
 
+/// Conformance check `a_lease_beside_only_a_rate_operation_is_kept`: a lease taken by a
+/// plan whose one operation is a rate limit (an `acquire` under a policy with no quota)
+/// is kept like any other — released once, and counted by a quota added later.
+pub fn a_lease_beside_only_a_rate_operation_is_kept(name: &str, l: &dyn Ledger) {
+    fn with_lease<'a>(subject: &'a Subject, decision: u128, now: i64, op: Op<'a>) -> Plan<'a> {
+        Plan {
+            decision,
+            now,
+            reservation_ttl_ms: TTL,
+            ops: vec![op],
+            lease: Some(NewLease {
+                id: decision,
+                resource: "engines",
+                subject,
+                expires_at: None,
+            }),
+        }
+    }
+    let subject = Subject::default();
+    // Built here, not by `rate`: an operation's lifetime is the plan's own.
+    let rate_op = Op {
+        key: CounterKey::new("p", "r", &[], vec![]),
+        kind: OpKind::Rate {
+            algorithm: Algorithm::TokenBucket,
+            limit: 5,
+            per_ms: 60_000,
+            burst: 5,
+        },
+        enforcing: true,
+    };
+    let p = with_lease(&subject, 1, 0, rate_op);
+    assert!(l.apply(&p, Apply::Commit).unwrap()[0].granted, "{name}");
+    // A quota seen for the first time counts the live leases of its resource.
+    let quota = Op {
+        key: CounterKey::new("p", "q", &[], vec![]),
+        kind: OpKind::Lease {
+            resource: "engines".into(),
+            max: 1,
+        },
+        enforcing: true,
+    };
+    let p = with_lease(&subject, 2, 1, quota);
+    let r = l.apply(&p, Apply::Commit).unwrap();
+    assert!(!r[0].granted, "{name}: the first lease was not kept");
+    assert_eq!(r[0].used, 1, "{name}");
+    assert!(l.release(1, 2).unwrap(), "{name}");
+    assert!(!l.release(1, 2).unwrap(), "{name}: released twice");
+}
+
 /// Conformance check `forecast_projects_recorded_spend_only`.
 pub fn forecast_projects_recorded_spend_only(name: &str, l: &dyn Ledger) {
     let day = 86_400_000;
@@ -389,6 +438,7 @@ pub fn run_all(name: &str, make: &dyn Fn() -> Box<dyn Ledger>) {
     record_replaces_the_reservation_once(name, &*make());
     reservations_expire_at_check_time_plus_ttl(name, &*make());
     leases_count_until_released_or_lapsed(name, &*make());
+    a_lease_beside_only_a_rate_operation_is_kept(name, &*make());
     forecast_projects_recorded_spend_only(name, &*make());
     usage_lists_spend_counters_by_dimension(name, &*make());
     reservations_from_before_the_window_do_not_count(name, &*make());
