@@ -44,6 +44,7 @@ def main():
     paths = sys.argv[1:3]
     kinds = sys.argv[3:5] or ["tb", "tb"]
     scripts = [(r.script_load(open(p).read()),) + KINDS[k] for p, k in zip(paths, kinds)]
+    # each script on keys of its own (two versions may store a counter differently)
     totals = [[0, 0], [0, 0]]
     i = 0
     for _ in range(30):
@@ -51,7 +52,8 @@ def main():
             u0, c0 = evalsha_stats()
             pipe = r.pipeline(transaction=False)
             for k in range(2000):
-                pipe.evalsha(sha, *keys(i), *args(i))
+                nkeys, *names = keys(i)
+                pipe.evalsha(sha, nkeys, *(f"{name}:{s}" for name in names), *args(i))
                 i += 1
                 if k % 500 == 499:
                     pipe.execute()

@@ -122,8 +122,10 @@ fn rate_keys_lapse_when_full_and_keep_lifetimes_that_cover_them() {
         .unwrap();
     let key = format!(r#"{prefix}:c:["p","rps","u1"]:b"#);
     let mut read = || -> (i64, i64) {
-        let value: String = redis::cmd("GET").arg(&key).query(&mut redis).unwrap();
-        let deadline = value.rsplit(' ').next().unwrap().parse().unwrap();
+        // a 1 byte, then units, last take and deadline as little-endian doubles
+        let value: Vec<u8> = redis::cmd("GET").arg(&key).query(&mut redis).unwrap();
+        assert_eq!((value.len(), value[0]), (25, 1), "{value:?}");
+        let deadline = f64::from_le_bytes(value[17..25].try_into().unwrap()) as i64;
         let ttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut redis).unwrap();
         (deadline, ttl)
     };
@@ -151,6 +153,55 @@ fn rate_keys_lapse_when_full_and_keep_lifetimes_that_cover_them() {
     assert_eq!(moved, 1_001_505 + 1 + 1000 + 1000);
     assert!(ttl > 1500 && ttl <= 2001, "{ttl}");
     cleanup(&url, "lifetimes");
+}
+
+/// Rate counters that versions before 2026-12 wrote as text (`'<a> <b> <deadline>'`) are
+/// read as they are: a bucket with one token left and a window with one request left each
+/// admit exactly one more.
+#[test]
+fn rate_counters_written_as_text_are_read() {
+    let Some(url) = url() else { return };
+    let prefix = format!("{}:0", namespace("text-counters"));
+    let (engine, _clock) = engine(
+        RedisLedger::connect(&url, &prefix, 1).unwrap(),
+        "policies: [{name: p, rules: [
+           {id: rph, type: rate, limit: 3, per: 1h, by: [user]},
+           {id: rpm, type: rate, algorithm: fixed_window, limit: 2, per: 1m, by: [team]}]}]",
+    );
+    let mut redis = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let mut set = |key: String, value: String| {
+        redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .query::<()>(&mut redis)
+            .unwrap()
+    };
+    // 1,000,000 ms: the bucket (3 tokens of an hour each) has one hour's units left; the
+    // window of that minute has counted one request of two.
+    let now: i64 = 1_000_000;
+    set(
+        format!(r#"{prefix}:c:["p","rph","u1"]:b"#),
+        format!("3600000 {now} {}", now + 10_000_000),
+    );
+    set(
+        format!(r#"{prefix}:c:["p","rpm","t1"]:w"#),
+        format!("{} 1 {}", now / 60_000, now + 60_000),
+    );
+    let mut user = tollgate::Request::default();
+    user.subject.user = Some("u1".into());
+    let mut team = tollgate::Request::default();
+    team.subject.team = Some("t1".into());
+    let answers = [
+        engine.check(&user).allowed,
+        engine.check(&user).allowed,
+        engine.check(&team).allowed,
+        engine.check(&team).allowed,
+    ];
+    cleanup(&url, "text-counters");
+    assert_eq!(answers, [true, false, true, false]);
 }
 
 /// Thousands of reservations lapsing together (a burst of checks never recorded) are
