@@ -83,6 +83,7 @@ if n == 1 and (ARGV[4] == 'tb' or ARGV[4] == 'fw') and ARGV[9] == nil then
   if commit and granted then set_counter(KEYS[1], a, b, deadline, need) end
   return string.format('%d %d %d %d', granted and 1 or 0, used, remaining, retry)
 end
+
 -- Where each operation's arguments start (one before its type), and what the plan holds.
 local at = {}
 local has_spend, has_tables = false, false
@@ -343,8 +344,9 @@ if has_spend then
 end
 
 -- Results are flat, four numbers per operation: granted (1/0), used, remaining, retry
--- after in ms (-1: none), answered as one string. What a granted rate operation writes when committed is flat
--- too, in fx at the same places (one table for the call, not one per operation).
+-- after in ms (-1: none), answered as one string. What a granted rate operation writes
+-- when committed is flat too, in fx at the same places (one table for the call, not one
+-- per operation).
 local results, fx = {}, {}
 local blocked = false
 for i = 1, n do

@@ -9,24 +9,34 @@ use tollgate_redis::RedisLedger;
 /// The tests here run one at a time: one of them flushes every script Redis holds.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-#[test]
-fn a_flushed_script_is_loaded_again() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+/// A Redis ledger of the test's own and an engine over it, on a manual clock, with the
+/// Redis URL; `None` (with a note) when `TOLLGATE_TEST_REDIS` is not set.
+fn over_redis(test: &str, policy: &str) -> Option<(Arc<RedisLedger>, Engine, String)> {
     let Ok(url) = std::env::var("TOLLGATE_TEST_REDIS") else {
         eprintln!("note: TOLLGATE_TEST_REDIS is not set; skipping");
-        return;
+        return None;
     };
-    let prefix = format!("tollgate-test:scripts:{}", std::process::id());
+    let prefix = format!("tollgate-test:{test}:{}", std::process::id());
     let ledger = Arc::new(RedisLedger::connect(&url, &prefix, 1).unwrap());
     let engine = Engine::builder()
         .clock(Arc::new(ManualClock::new(1_767_225_600_000)))
         .ledger(ledger.clone())
-        .build_from_text(
-            "policies: [{name: p, rules: [
-               {id: rpm, type: rate, limit: 2, per: 1h, by: [user]},
-               {id: b, type: budget, limit_usd: 10, period: total, by: [user]}]}]",
-        )
+        .build_from_text(policy)
         .unwrap();
+    Some((ledger, engine, url))
+}
+
+#[test]
+fn a_flushed_script_is_loaded_again() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((ledger, engine, url)) = over_redis(
+        "scripts",
+        "policies: [{name: p, rules: [
+           {id: rpm, type: rate, limit: 2, per: 1h, by: [user]},
+           {id: b, type: budget, limit_usd: 10, period: total, by: [user]}]}]",
+    ) else {
+        return;
+    };
     let mut request = Request::default();
     request.subject.user = Some("u".into());
     request.estimate.cost_usd = Some(Micros(400_000));
@@ -67,22 +77,15 @@ fn a_flushed_script_is_loaded_again() {
 #[test]
 fn large_amounts_come_back_from_the_script_exactly() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Ok(url) = std::env::var("TOLLGATE_TEST_REDIS") else {
-        eprintln!("note: TOLLGATE_TEST_REDIS is not set; skipping");
-        return;
-    };
-    let prefix = format!("tollgate-test:scripts-large:{}", std::process::id());
-    let ledger = Arc::new(RedisLedger::connect(&url, &prefix, 1).unwrap());
     // 5,000,000,000 USD is 5 × 10^15 micro-dollars: sixteen digits, more than Lua's own
     // number-to-text conversion keeps.
-    let engine = Engine::builder()
-        .clock(Arc::new(ManualClock::new(1_767_225_600_000)))
-        .ledger(ledger.clone())
-        .build_from_text(
-            "policies: [{name: p, rules: [
-               {id: b, type: budget, limit_usd: 5000000000, period: total, by: [user]}]}]",
-        )
-        .unwrap();
+    let Some((ledger, engine, _)) = over_redis(
+        "scripts-large",
+        "policies: [{name: p, rules: [
+           {id: b, type: budget, limit_usd: 5000000000, period: total, by: [user]}]}]",
+    ) else {
+        return;
+    };
     let mut request = Request::default();
     request.subject.user = Some("u".into());
     request.estimate.cost_usd = Some(Micros(1));
