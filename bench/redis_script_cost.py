@@ -4,7 +4,7 @@ machine): microseconds Redis spends per EVALSHA, from INFO commandstats.
     bench/redis_script_cost.sh A.lua B.lua [KIND_A KIND_B]
 
 KIND is how a script is called: `tb` (apply.lua's arguments for one token bucket, on
-1,000 keys), `bare` (the bare bucket of redis_bench: one argument) or `bare13` (the bare
+1,000 keys), `sp` (one budget reservation, on 1,000 budgets), `bare` (the bare bucket of redis_bench: one argument) or `bare13` (the bare
 bucket with twelve more arguments it does not read). Run with `bench/redis_script_cost.sh`.
 """
 import os
@@ -23,6 +23,14 @@ def tb_args(i):
     return (t0 + i // 10, 1, 1, "tb", 1, 1000000000, 60000, 1)
 
 
+def sp_args(i):
+    # now, commit, one operation: a monthly budget reserving 10 micro-dollars, then the
+    # reservation TTL, the decision id, the prefix and no lease
+    label = '{"by":["user"],"policy":"p","rule":"m","values":["u"]}'
+    return (t0 + i // 10, 1, 1, "sp", 1, 10**12, 10, t0 - 10**9, "", label,
+            900000, f"{i:032x}", prefix, "")
+
+
 def padded_args(i):
     # the bare bucket's one argument and twelve it does not read
     return (t0 + i // 10,) + ("0",) * 12
@@ -31,6 +39,7 @@ def padded_args(i):
 KINDS = {
     "tb": (lambda i: (1, f"{prefix}:tb:{i % 1000}"), tb_args),
     "bare": (lambda i: (1, f"{prefix}:bare:{i % 1000}"), lambda i: (t0 + i // 10,)),
+    "sp": (lambda i: (2, f"{prefix}:sp:{i % 1000}", f"{prefix}:d:{i:032x}"), sp_args),
     "bare13": (lambda i: (1, f"{prefix}:bare:{i % 1000}"), padded_args),
 }
 
