@@ -69,7 +69,6 @@ fn script_stats(url: &str) -> ScriptStats {
 struct Run {
     calls: f64,
     seconds: f64,
-    rate: f64,
     usec: f64,
     round_trips: f64,
     /// This process's CPU time (user and system, every thread) per call.
@@ -106,7 +105,6 @@ fn measure(url: &str, call: impl Fn(usize, usize) + Sync) -> Run {
     Run {
         calls,
         seconds,
-        rate: calls / seconds,
         usec: (after.evalsha_usec - before.evalsha_usec) as f64 / calls,
         round_trips: (after.calls - before.calls) as f64 / calls,
         client_usec,
@@ -114,6 +112,11 @@ fn measure(url: &str, call: impl Fn(usize, usize) + Sync) -> Run {
 }
 
 impl Run {
+    /// Calls per second.
+    fn rate(&self) -> f64 {
+        self.calls / self.seconds
+    }
+
     /// Adds a round, weighting the per-call figures by its calls.
     fn add(&mut self, round: &Run) {
         let calls = self.calls + round.calls;
@@ -123,13 +126,15 @@ impl Run {
         self.round_trips = mean(self.round_trips, round.round_trips);
         self.calls = calls;
         self.seconds += round.seconds;
-        self.rate = self.calls / self.seconds;
     }
 
     fn describe(&self) -> String {
         format!(
             "{:.0}/s, {:.1} µs in Redis and {:.1} µs of client CPU per call, {:.2} round trips per call",
-            self.rate, self.usec, self.client_usec, self.round_trips
+            self.rate(),
+            self.usec,
+            self.client_usec,
+            self.round_trips
         )
     }
 }
@@ -217,8 +222,8 @@ fn main() {
         for (i, engine) in engines.iter().enumerate() {
             let run = decide(engine);
             totals[i].add(&run);
-            ratios[i].push(run.rate / base.rate);
-            line += &format!(" {:.2}", run.rate / base.rate);
+            ratios[i].push(run.rate() / base.rate());
+            line += &format!(" {:.2}", run.rate() / base.rate());
         }
         println!("{line} (ratio per policy)");
     }
@@ -232,7 +237,7 @@ fn main() {
         println!("tollgate, {name}: {}", total.describe());
         println!(
             "ratio over {ROUNDS} interleaved rounds, {name}: {:.2} (median round {:.2}; {spread})",
-            total.rate / base_total.rate,
+            total.rate() / base_total.rate(),
             median(ratios),
         );
     }

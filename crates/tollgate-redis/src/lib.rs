@@ -262,6 +262,9 @@ impl Ledger for RedisLedger {
             128 * (plan.ops.len() + 1),
         );
         call.arg("EVALSHA").arg(self.apply.get_hash()).arg(keys);
+        // A plan of token buckets and fixed windows only (no lease) leaves out what only
+        // reservations, sliding windows and leases read.
+        let mut rates_only = plan.lease.is_none();
         for op in &plan.ops {
             let mut key = self.counter(&op.key);
             // a bucket's and a fixed window's one string key (see apply.lua)
@@ -274,7 +277,7 @@ impl Ledger for RedisLedger {
                     algorithm: Algorithm::FixedWindow,
                     ..
                 } => key.push_str(":w"),
-                _ => {}
+                _ => rates_only = false,
             }
             call.arg(key);
         }
@@ -350,18 +353,6 @@ impl Ledger for RedisLedger {
                     .arg(json!(op.key.values.as_slice()).to_string()),
             };
         }
-        // What only reservations, sliding windows and leases read: a plan of token buckets
-        // and fixed windows leaves it out.
-        let rates_only = plan.lease.is_none()
-            && plan.ops.iter().all(|op| {
-                matches!(
-                    op.kind,
-                    OpKind::Rate {
-                        algorithm: Algorithm::TokenBucket | Algorithm::FixedWindow,
-                        ..
-                    }
-                )
-            });
         if !rates_only {
             call.arg(plan.reservation_ttl_ms)
                 .arg(format!("{:032x}", plan.decision))

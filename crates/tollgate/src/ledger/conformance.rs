@@ -11,11 +11,12 @@ use crate::request::{Dimension, Subject, SubjectDim};
 pub const TTL: i64 = 60_000;
 static BY_USER: [Dimension; 1] = [Dimension::Subject(SubjectDim::User)];
 
-fn key(rule: &'static str) -> CounterKey<'static> {
+fn key<'a>(rule: &'static str) -> CounterKey<'a> {
     CounterKey::new("p", rule, &[], vec![])
 }
 
-fn rate(rule: &'static str, limit: u64) -> Op<'static> {
+/// (Of any lifetime: an operation's lifetime is its plan's own.)
+fn rate<'a>(rule: &'static str, limit: u64) -> Op<'a> {
     Op {
         key: key(rule),
         kind: OpKind::Rate {
@@ -23,6 +24,18 @@ fn rate(rule: &'static str, limit: u64) -> Op<'static> {
             limit,
             per_ms: 60_000,
             burst: limit,
+        },
+        enforcing: true,
+    }
+}
+
+/// A quota of `max` leases on the resource `engines`, for every subject.
+fn engines<'a>(max: u64) -> Op<'a> {
+    Op {
+        key: key("q"),
+        kind: OpKind::Lease {
+            resource: "engines".into(),
+            max,
         },
         enforcing: true,
     }
@@ -199,14 +212,7 @@ pub fn leases_count_until_released_or_lapsed(name: &str, l: &dyn Ledger) {
         ..Subject::default()
     };
     let acquire = |id: u128, now: i64, expires_at: Option<i64>| {
-        let op = Op {
-            key: CounterKey::new("p", "q", &[], vec![]),
-            kind: OpKind::Lease {
-                resource: "engines".into(),
-                max: 2,
-            },
-            enforcing: true,
-        };
+        let op = engines(2);
         let p = Plan {
             decision: id,
             now,
@@ -250,29 +256,10 @@ pub fn a_lease_beside_only_a_rate_operation_is_kept(name: &str, l: &dyn Ledger) 
         }
     }
     let subject = Subject::default();
-    // Built here, not by `rate`: an operation's lifetime is the plan's own.
-    let rate_op = Op {
-        key: CounterKey::new("p", "r", &[], vec![]),
-        kind: OpKind::Rate {
-            algorithm: Algorithm::TokenBucket,
-            limit: 5,
-            per_ms: 60_000,
-            burst: 5,
-        },
-        enforcing: true,
-    };
-    let p = with_lease(&subject, 1, 0, rate_op);
+    let p = with_lease(&subject, 1, 0, rate("r", 5));
     assert!(l.apply(&p, Apply::Commit).unwrap()[0].granted, "{name}");
     // A quota seen for the first time counts the live leases of its resource.
-    let quota = Op {
-        key: CounterKey::new("p", "q", &[], vec![]),
-        kind: OpKind::Lease {
-            resource: "engines".into(),
-            max: 1,
-        },
-        enforcing: true,
-    };
-    let p = with_lease(&subject, 2, 1, quota);
+    let p = with_lease(&subject, 2, 1, engines(1));
     let r = l.apply(&p, Apply::Commit).unwrap();
     assert!(!r[0].granted, "{name}: the first lease was not kept");
     assert_eq!(r[0].used, 1, "{name}");
