@@ -1,5 +1,8 @@
 //! The cost of each rule type on its own: one-rule policies over 100,000 users.
-//! `cargo run --release -p tollgate --example rule_costs` (set ONLY=<text> to pick rules).
+//! `cargo run --release -p tollgate --example rule_costs` (set ONLY=<text> to pick rules,
+//! ITER=<n> checks a policy, TICK_MS=<ms> to move the clock before each check so that
+//! reservations and decision records lapse as they would, PREAMBLE=<yaml> to prefix each
+//! policy document, e.g. `reservation_ttl: 1s`).
 
 use std::alloc::{GlobalAlloc, Layout};
 
@@ -60,14 +63,21 @@ fn main() {
     );
     let mut rules: Vec<&str> = rules.to_vec();
     rules.push(&all);
+    let tick: i64 = std::env::var("TICK_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     for r in rules
         .iter()
         .filter(|r| only.as_deref().is_none_or(|o| r.contains(o)))
     {
         let clock = Arc::new(ManualClock::new(1_767_225_600_000));
         let e = Engine::builder()
-            .clock(clock)
-            .build_from_text(&format!("policies: [{{name: p, rules: {r}}}]"))
+            .clock(clock.clone())
+            .build_from_text(&format!(
+                "{}policies: [{{name: p, rules: {r}}}]",
+                std::env::var("PREAMBLE").unwrap_or_default()
+            ))
             .unwrap();
         let n: usize = std::env::var("ITER")
             .ok()
@@ -75,11 +85,13 @@ fn main() {
             .unwrap_or(300_000);
         // Every user's counters exist before timing: the steady state, not creation.
         for r in &reqs {
+            clock.advance(tick);
             std::hint::black_box(e.check(r));
         }
         let allocations = ALLOCATIONS.load(Ordering::Relaxed);
         let t = Instant::now();
         for i in 0..n {
+            clock.advance(tick);
             std::hint::black_box(e.check(&reqs[i % reqs.len()]));
         }
         let elapsed = t.elapsed();

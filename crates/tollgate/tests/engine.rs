@@ -301,3 +301,38 @@ fn on_backend_error_decides_when_the_ledger_is_down() {
         "{err}"
     );
 }
+
+#[test]
+fn a_rate_rule_that_becomes_a_budget_under_its_id_counts_recorded_spend() {
+    let engine = Engine::builder()
+        .clock(Arc::new(ManualClock::new(1_767_225_600_000)))
+        .build_from_text(
+            "policies: [{name: p, rules: [{id: x, type: rate, limit: 5, per: 1m, by: [user]}]}]",
+        )
+        .unwrap();
+    let ask = request(json!({"subject": {"user": "u1"}, "estimate": {"cost_usd": "0.5"}}));
+    assert!(engine.check(&ask).allowed);
+    // The same counter id now holds spend: it must be named for the usage and the record.
+    engine
+        .replace_policy(
+            "policies: [{name: p, rules: [{id: x, type: budget, limit_usd: 1, period: total, by: [user]}]}]",
+        )
+        .unwrap();
+    let decision = engine.check(&ask);
+    assert!(decision.allowed, "{decision:?}");
+    assert_eq!(
+        engine
+            .record(&decision.decision_id, "0.4".parse().unwrap())
+            .unwrap(),
+        tollgate::RecordOutcome::Recorded
+    );
+    let usage = engine.usage(None).unwrap();
+    assert_eq!(usage.len(), 1, "{usage:?}");
+    assert_eq!(
+        (
+            usage[0].key.as_str(),
+            usage[0].spent_usd.to_string().as_str()
+        ),
+        ("user=u1", "0.400000")
+    );
+}

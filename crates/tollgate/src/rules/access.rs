@@ -76,7 +76,7 @@ impl Access {
             .filter_map(|k| request.labels.get(k).map(|v| (k.as_str(), v.as_str())))
             .collect();
         if labels.is_empty() {
-            return Verdict::Pass("no labels to check".into());
+            return super::pass(ctx.explain, || "no labels to check".into());
         }
         let who = self.subject.value(request, ctx.model());
         let cleared = who.and_then(|w| self.clearances.get(w));
@@ -95,7 +95,7 @@ impl Access {
                         };
                     }
                 }
-                Verdict::Pass("every label is cleared".into())
+                super::pass(ctx.explain, || "every label is cleared".into())
             }
             None if self.default_allow => super::pass(ctx.explain, || {
                 format!(
