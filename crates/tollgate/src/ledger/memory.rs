@@ -848,7 +848,8 @@ impl Ledger for MemoryLedger {
         let mut guards = self.lock_shards(plan.ops.iter().map(|o| o.key.id));
 
         // Find every counter before evaluating any: the lookups do not depend on each
-        // other, so their cache misses overlap instead of following one another.
+        // other, so their cache misses overlap instead of following one another. Only
+        // their effect on the cache is wanted; `black_box` keeps them from being dropped.
         let mut found = 0usize;
         for op in &plan.ops {
             let shard = guard(&mut guards, op.key.id);
