@@ -34,6 +34,52 @@ static GLOBAL: Counting = Counting;
 use std::time::Instant;
 use tollgate::{Engine, ManualClock};
 
+/// Grants every operation and keeps nothing: what a decision costs apart from its state.
+struct NullLedger;
+
+impl tollgate::Ledger for NullLedger {
+    fn apply(
+        &self,
+        plan: &tollgate::ledger::Plan<'_>,
+        _: tollgate::ledger::Apply,
+    ) -> Result<Vec<tollgate::ledger::OpResult>, tollgate::ledger::LedgerError> {
+        let granted = tollgate::ledger::OpResult {
+            granted: true,
+            used: 0,
+            remaining: 1,
+            retry_after_ms: None,
+        };
+        Ok(vec![granted; plan.ops.len()])
+    }
+    fn spend_used(
+        &self,
+        _: &tollgate::ledger::CounterKey<'_>,
+        _: i64,
+        _: i64,
+    ) -> Result<tollgate::Micros, tollgate::ledger::LedgerError> {
+        Ok(tollgate::Micros(0))
+    }
+    fn record(
+        &self,
+        _: u128,
+        _: tollgate::Micros,
+        _: i64,
+    ) -> Result<tollgate::RecordOutcome, tollgate::ledger::LedgerError> {
+        Ok(tollgate::RecordOutcome::Recorded)
+    }
+    fn release(&self, _: u128, _: i64) -> Result<bool, tollgate::ledger::LedgerError> {
+        Ok(false)
+    }
+    fn spend_usage(
+        &self,
+        _: Option<(&str, &str)>,
+        _: i64,
+        _: &dyn Fn(&str, &str) -> Option<i64>,
+    ) -> Result<Vec<tollgate::ledger::SpendUsage>, tollgate::ledger::LedgerError> {
+        Ok(Vec::new())
+    }
+}
+
 #[path = "../benches/common/mod.rs"]
 mod common;
 fn main() {
@@ -72,8 +118,11 @@ fn main() {
         .filter(|r| only.as_deref().is_none_or(|o| r.contains(o)))
     {
         let clock = Arc::new(ManualClock::new(1_767_225_600_000));
-        let e = Engine::builder()
-            .clock(clock.clone())
+        let mut builder = Engine::builder().clock(clock.clone());
+        if std::env::var_os("NULL_LEDGER").is_some() {
+            builder = builder.ledger(Arc::new(NullLedger));
+        }
+        let e = builder
             .build_from_text(&format!(
                 "{}policies: [{{name: p, rules: {r}}}]",
                 std::env::var("PREAMBLE").unwrap_or_default()
