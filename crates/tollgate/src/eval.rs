@@ -7,7 +7,10 @@ use smallvec::SmallVec;
 
 use crate::decision::{Alert, Code, Decision, Remaining, TraceEntry};
 use crate::expr::{self, Expr};
-use crate::ledger::{Apply, CounterKey, Ledger, LedgerError, NewLease, Op, OpKind, OpResult, Plan};
+use crate::ledger::{
+    Apply, CounterKey, KeyValues, Ledger, LedgerError, NewLease, Op, OpKind, OpResult, Plan,
+    ValuesHash,
+};
 use crate::money::Micros;
 use crate::policy::PolicySet;
 use crate::request::{Dimension, Request};
@@ -28,6 +31,8 @@ pub(crate) struct EvalCtx<'r> {
     /// Variables already bound in `cel` (bits of `expr::VARIABLES`).
     cel_bound: u8,
     notes: Vec<String>,
+    /// The dimensions of the last counter key and the hash of their values.
+    last_values: Option<(&'r [Dimension], ValuesHash)>,
 }
 
 impl<'r> EvalCtx<'r> {
@@ -64,9 +69,9 @@ impl<'r> EvalCtx<'r> {
     }
 
     /// The counter key of the current rule for these dimensions, or why the rule is skipped.
-    pub(crate) fn key(&self, by: &'r [Dimension]) -> Result<CounterKey<'r>, String> {
+    pub(crate) fn key(&mut self, by: &'r [Dimension]) -> Result<CounterKey<'r>, String> {
         let rule = self.rule.expect("a rule is being evaluated");
-        let mut values = crate::ledger::KeyValues::new();
+        let mut values = KeyValues::new();
         for d in by {
             // A `model` dimension keys by the current (possibly downgraded) model.
             match d.value(self.request, self.model) {
@@ -74,8 +79,21 @@ impl<'r> EvalCtx<'r> {
                 None => return Err(format!("the request has no `{d}`")),
             }
         }
-        Ok(CounterKey::with_prefix(
+        // Rules keyed by the same dimensions (a rate and a budget per user) hash the
+        // request's values once. Not across a `model` dimension, whose value a downgrade
+        // between the two rules can change.
+        let hash = match self.last_values {
+            Some((last, hash)) if last == by => hash,
+            _ => {
+                let hash = ValuesHash::of(&values);
+                let reusable = !by.contains(&Dimension::Model);
+                self.last_values = reusable.then_some((by, hash));
+                hash
+            }
+        };
+        Ok(CounterKey::with_hashes(
             &rule.key_prefix,
+            hash,
             &rule.policy,
             &rule.id,
             by,
@@ -207,6 +225,7 @@ pub(crate) fn decide(
         cel: None,
         cel_bound: 0,
         notes: Vec::new(),
+        last_values: None,
     };
 
     let (mut rule_count, mut stateful) = (inputs.run_rules.len(), inputs.run_rules.len());

@@ -336,3 +336,29 @@ fn a_rate_rule_that_becomes_a_budget_under_its_id_counts_recorded_spend() {
         ("user=u1", "0.400000")
     );
 }
+
+#[test]
+fn a_counter_keyed_by_model_follows_a_downgrade_between_rules() {
+    // `before` and `after` are keyed by the model; the downgrade between them changes it,
+    // so `after` counts the model the call will use.
+    let engine = Engine::builder()
+        .clock(Arc::new(ManualClock::new(1_767_225_600_000)))
+        .build_from_text(
+            r#"policies: [{name: p, rules: [
+                {id: before, type: rate, limit: 100, per: 1m, by: [model]},
+                {id: trial, type: downgrade, to: small, when: 'labels.plan == "trial"'},
+                {id: after, type: rate, limit: 1, per: 1m, by: [model]}]}]"#,
+        )
+        .unwrap();
+    let downgraded = request(json!({"model": "large", "labels": {"plan": "trial"}}));
+    let first = engine.check(&downgraded);
+    assert!(first.allowed, "{first:?}");
+    assert_eq!(first.model.as_deref(), Some("small"));
+    let direct = engine.check(&request(json!({"model": "small"})));
+    assert_eq!(
+        (direct.allowed, direct.rule.as_deref()),
+        (false, Some("after")),
+        "{direct:?}"
+    );
+    assert!(engine.check(&request(json!({"model": "large"}))).allowed);
+}

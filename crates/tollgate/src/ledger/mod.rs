@@ -6,7 +6,7 @@
 //! conformance tests (`tests/ledger_conformance.rs`).
 
 use std::fmt;
-use std::hash::{BuildHasher, DefaultHasher, Hash, Hasher, RandomState};
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::sync::LazyLock;
 
 use smallvec::SmallVec;
@@ -42,14 +42,58 @@ pub struct CounterKey<'a> {
     pub values: KeyValues<'a>,
 }
 
-/// The hashing state of a counter id after its policy and rule: a rule computes it once,
-/// so a check hashes only the request's values.
-#[derive(Clone)]
+/// The hash of a counter's policy and rule: a rule computes it once, so a check hashes
+/// only the request's values ([`ValuesHash`]), once for every rule keyed by them.
+///
+/// An id is the prefix XOR the values' hash, in two halves: the high half from SipHash
+/// under a per-process random key, so that ids cannot be chosen by whoever picks user
+/// names (two counters share an id only if the keyed hashes of their values differ by
+/// exactly the keyed difference of their rules), and the low half from a fast hash.
+#[derive(Clone, Copy)]
 pub struct KeyPrefix {
-    // High half: SipHash under a per-process random key, so ids cannot be chosen by
-    // whoever picks user names; low half: a fast second hash of the same parts.
-    keyed: DefaultHasher,
-    fast: rustc_hash::FxHasher,
+    keyed: u64,
+    fast: u64,
+}
+
+/// The hash of a request's values for a counter's `by` dimensions (see [`KeyPrefix`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ValuesHash {
+    keyed: u64,
+    fast: u64,
+}
+
+static KEYED: LazyLock<RandomState> = LazyLock::new(RandomState::new);
+
+/// Both hashes of `parts`; each `str` is written with a terminator, so parts cannot run
+/// together, after `domain`, so that a rule's values that repeat its own policy and id
+/// do not cancel its prefix out.
+fn hash_parts(domain: u8, parts: &[&str]) -> (u64, u64) {
+    let (mut keyed, mut fast) = (KEYED.build_hasher(), rustc_hash::FxHasher::default());
+    keyed.write_u8(domain);
+    fast.write_u8(domain);
+    for part in parts {
+        part.hash(&mut keyed);
+        part.hash(&mut fast);
+    }
+    (keyed.finish(), fast.finish())
+}
+
+impl ValuesHash {
+    /// The hash of these values, in the order of their dimensions.
+    pub fn of(values: &[&str]) -> ValuesHash {
+        // A counter every request shares (no `by`) is common: its hash is kept.
+        static NONE: LazyLock<ValuesHash> = LazyLock::new(|| ValuesHash::hash(&[]));
+        if values.is_empty() {
+            *NONE
+        } else {
+            ValuesHash::hash(values)
+        }
+    }
+
+    fn hash(values: &[&str]) -> ValuesHash {
+        let (keyed, fast) = hash_parts(1, values);
+        ValuesHash { keyed, fast }
+    }
 }
 
 impl fmt::Debug for KeyPrefix {
@@ -61,27 +105,18 @@ impl fmt::Debug for KeyPrefix {
 impl KeyPrefix {
     /// The prefix of every counter of `policy`'s rule `rule`.
     pub fn new(policy: &str, rule: &str) -> KeyPrefix {
-        static KEYED: LazyLock<RandomState> = LazyLock::new(RandomState::new);
-        let mut prefix = KeyPrefix {
-            keyed: KEYED.build_hasher(),
-            fast: rustc_hash::FxHasher::default(),
-        };
-        // Each `str` is written with a terminator, so the parts cannot run together.
-        for part in [policy, rule] {
-            part.hash(&mut prefix.keyed);
-            part.hash(&mut prefix.fast);
-        }
-        prefix
+        let (keyed, fast) = hash_parts(0, &[policy, rule]);
+        KeyPrefix { keyed, fast }
     }
 
     /// The id of this rule's counter for `values`.
     pub fn id(&self, values: &[&str]) -> u128 {
-        let (mut keyed, mut fast) = (self.keyed.clone(), self.fast.clone());
-        for v in values {
-            v.hash(&mut keyed);
-            v.hash(&mut fast);
-        }
-        (u128::from(keyed.finish()) << 64) | u128::from(fast.finish())
+        self.id_of(ValuesHash::of(values))
+    }
+
+    /// The id of this rule's counter for values hashed already.
+    pub fn id_of(&self, values: ValuesHash) -> u128 {
+        (u128::from(self.keyed ^ values.keyed) << 64) | u128::from(self.fast ^ values.fast)
     }
 }
 
@@ -105,8 +140,21 @@ impl<'a> CounterKey<'a> {
         by: &'a [Dimension],
         values: KeyValues<'a>,
     ) -> Self {
+        let hash = ValuesHash::of(&values);
+        CounterKey::with_hashes(prefix, hash, policy, rule, by, values)
+    }
+
+    /// Builds a key from its rule's prefix and its values' hash, both computed already.
+    pub fn with_hashes(
+        prefix: &KeyPrefix,
+        hash: ValuesHash,
+        policy: &'a str,
+        rule: &'a str,
+        by: &'a [Dimension],
+        values: KeyValues<'a>,
+    ) -> Self {
         CounterKey {
-            id: prefix.id(&values),
+            id: prefix.id_of(hash),
             policy,
             rule,
             by,
@@ -346,5 +394,47 @@ impl fmt::Display for Algorithm {
             Algorithm::FixedWindow => "fixed_window",
             Algorithm::SlidingWindow => "sliding_window",
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_ids_tell_rules_and_values_apart() {
+        let (a, b) = (KeyPrefix::new("p", "a"), KeyPrefix::new("p", "b"));
+        let ids = [
+            a.id(&["u1"]),
+            a.id(&["u2"]),
+            b.id(&["u1"]),
+            a.id(&[]),
+            b.id(&[]),
+            a.id(&["u1", ""]),
+            // Parts do not run together across the prefix and the values either.
+            KeyPrefix::new("p", "").id(&["a"]),
+            KeyPrefix::new("pa", "").id(&[]),
+            // Values that repeat the rule's own names do not cancel its prefix out.
+            a.id(&["p", "a"]),
+            b.id(&["p", "b"]),
+        ];
+        for (i, x) in ids.iter().enumerate() {
+            for y in &ids[i + 1..] {
+                assert_ne!(x, y);
+            }
+        }
+        // A key built during a check and one rebuilt from its parts (a record's sinks)
+        // have the same id.
+        let by = [Dimension::Subject(crate::request::SubjectDim::User)];
+        let key = CounterKey::with_hashes(
+            &a,
+            ValuesHash::of(&["u1"]),
+            "p",
+            "a",
+            &by,
+            KeyValues::from_slice(&["u1"]),
+        );
+        assert_eq!(key.id, a.id(&["u1"]));
+        assert_eq!(key.id, CounterKey::new("p", "a", &by, vec!["u1"]).id);
     }
 }
