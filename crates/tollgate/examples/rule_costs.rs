@@ -32,18 +32,15 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 use std::time::Instant;
-use tollgate::{Engine, ManualClock};
+use tollgate::ledger::{Apply, CounterKey, LedgerError, OpResult, Plan, SpendUsage};
+use tollgate::{Engine, Ledger, ManualClock, Micros, RecordOutcome};
 
 /// Grants every operation and keeps nothing: what a decision costs apart from its state.
 struct NullLedger;
 
-impl tollgate::Ledger for NullLedger {
-    fn apply(
-        &self,
-        plan: &tollgate::ledger::Plan<'_>,
-        _: tollgate::ledger::Apply,
-    ) -> Result<Vec<tollgate::ledger::OpResult>, tollgate::ledger::LedgerError> {
-        let granted = tollgate::ledger::OpResult {
+impl Ledger for NullLedger {
+    fn apply(&self, plan: &Plan<'_>, _: Apply) -> Result<Vec<OpResult>, LedgerError> {
+        let granted = OpResult {
             granted: true,
             used: 0,
             remaining: 1,
@@ -51,34 +48,22 @@ impl tollgate::Ledger for NullLedger {
         };
         Ok(vec![granted; plan.ops.len()])
     }
-    fn spend_used(
-        &self,
-        _: &tollgate::ledger::CounterKey<'_>,
-        _: i64,
-        _: i64,
-    ) -> Result<tollgate::Micros, tollgate::ledger::LedgerError> {
-        Ok(tollgate::Micros(0))
+    fn spend_used(&self, _: &CounterKey<'_>, _: i64, _: i64) -> Result<Micros, LedgerError> {
+        Ok(Micros(0))
     }
-    fn record(
-        &self,
-        _: u128,
-        _: tollgate::Micros,
-        _: i64,
-    ) -> Result<tollgate::RecordOutcome, tollgate::ledger::LedgerError> {
-        Ok(tollgate::RecordOutcome::Recorded)
+    fn record(&self, _: u128, _: Micros, _: i64) -> Result<RecordOutcome, LedgerError> {
+        Ok(RecordOutcome::Recorded)
     }
-    fn release(&self, _: u128, _: i64) -> Result<bool, tollgate::ledger::LedgerError> {
+    fn release(&self, _: u128, _: i64) -> Result<bool, LedgerError> {
         Ok(false)
     }
-    fn spend_usage(
-        &self,
-        _: Option<(&str, &str)>,
-        _: i64,
-        _: &dyn Fn(&str, &str) -> Option<i64>,
-    ) -> Result<Vec<tollgate::ledger::SpendUsage>, tollgate::ledger::LedgerError> {
+    fn spend_usage(&self, _: Option<(&str, &str)>, _: i64, _: WindowOf) -> Usage {
         Ok(Vec::new())
     }
 }
+
+type WindowOf<'a> = &'a dyn Fn(&str, &str) -> Option<i64>;
+type Usage = Result<Vec<SpendUsage>, LedgerError>;
 
 #[path = "../benches/common/mod.rs"]
 mod common;
