@@ -2,29 +2,35 @@
 //! `cargo run --release -p tollgate --example rule_costs` (set ONLY=<text> to pick rules,
 //! ITER=<n> checks a policy, TICK_MS=<ms> to move the clock before each check so that
 //! reservations and decision records lapse as they would, PREAMBLE=<yaml> to prefix each
-//! policy document, e.g. `reservation_ttl: 1s`).
+//! policy document, e.g. `reservation_ttl: 1s`). Each line gives the time and allocations
+//! per check and the heap the timed checks left allocated, per check (what the ledger
+//! keeps: reservations and decision records until they lapse, with their queues' slack).
 
 use std::alloc::{GlobalAlloc, Layout};
 
 use mimalloc::MiMalloc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 /// Counts allocations, to report allocations per decision next to the time; allocates
 /// with mimalloc, as the server binary does.
 struct Counting;
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+static LIVE_BYTES: AtomicI64 = AtomicI64::new(0);
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        LIVE_BYTES.fetch_add(layout.size() as i64, Ordering::Relaxed);
         unsafe { MiMalloc.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE_BYTES.fetch_sub(layout.size() as i64, Ordering::Relaxed);
         unsafe { MiMalloc.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        LIVE_BYTES.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
         unsafe { MiMalloc.realloc(ptr, layout, new_size) }
     }
 }
@@ -128,14 +134,16 @@ fn main() {
             check(r);
         }
         let allocations = ALLOCATIONS.load(Ordering::Relaxed);
+        let live = LIVE_BYTES.load(Ordering::Relaxed);
         let t = Instant::now();
         for i in 0..n {
             check(&reqs[i % reqs.len()]);
         }
         let elapsed = t.elapsed();
         let per = (ALLOCATIONS.load(Ordering::Relaxed) - allocations) as f64 / n.max(1) as f64;
+        let grown = (LIVE_BYTES.load(Ordering::Relaxed) - live) as f64 / n.max(1) as f64;
         println!(
-            "{:>8.0} ns {per:>6.1} allocs  {}",
+            "{:>8.0} ns {per:>6.1} allocs {grown:>6.0} B kept  {}",
             elapsed.as_nanos() as f64 / n.max(1) as f64,
             &r[..r.len().min(60)]
         );
