@@ -55,6 +55,11 @@ fn engine(ledger: RedisLedger, policy: &str) -> (tollgate::Engine, Arc<tollgate:
     engine_on(Some(ledger), policy)
 }
 
+/// A plain connection, to read and write keys as another version would.
+fn connection(url: &str) -> redis::Connection {
+    redis::Client::open(url).unwrap().get_connection().unwrap()
+}
+
 #[test]
 fn redis_ledger_conforms() {
     let Some(url) = url() else { return };
@@ -116,10 +121,7 @@ fn rate_keys_lapse_when_full_and_keep_lifetimes_that_cover_them() {
         RedisLedger::connect(&url, &prefix, 1).unwrap(),
         "policies: [{name: p, rules: [{id: rps, type: rate, limit: 1000, per: 1s, by: [user]}]}]",
     );
-    let mut redis = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_connection()
-        .unwrap();
+    let mut redis = connection(&url);
     let key = format!(r#"{prefix}:c:["p","rps","u1"]:b"#);
     let mut read = || -> (i64, i64) {
         // a 1 byte, then units, last take and deadline as little-endian doubles
@@ -168,10 +170,7 @@ fn rate_counters_written_as_text_are_read() {
            {id: rph, type: rate, limit: 3, per: 1h, by: [user]},
            {id: rpm, type: rate, algorithm: fixed_window, limit: 2, per: 1m, by: [team]}]}]",
     );
-    let mut redis = redis::Client::open(url.as_str())
-        .unwrap()
-        .get_connection()
-        .unwrap();
+    let mut redis = connection(&url);
     let mut set = |key: String, value: String| {
         redis::cmd("SET")
             .arg(key)

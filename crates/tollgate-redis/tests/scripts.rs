@@ -26,6 +26,14 @@ fn over_redis(test: &str, policy: &str) -> Option<(Arc<RedisLedger>, Engine, Str
     Some((ledger, engine, url))
 }
 
+/// A check by user `u` estimated at `cost`.
+fn user_request(cost: Micros) -> Request {
+    let mut request = Request::default();
+    request.subject.user = Some("u".into());
+    request.estimate.cost_usd = Some(cost);
+    request
+}
+
 #[test]
 fn a_flushed_script_is_loaded_again() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -37,9 +45,7 @@ fn a_flushed_script_is_loaded_again() {
     ) else {
         return;
     };
-    let mut request = Request::default();
-    request.subject.user = Some("u".into());
-    request.estimate.cost_usd = Some(Micros(400_000));
+    let request = user_request(Micros(400_000));
     let mut redis = redis::Client::open(url.as_str())
         .unwrap()
         .get_connection()
@@ -86,10 +92,7 @@ fn large_amounts_come_back_from_the_script_exactly() {
     ) else {
         return;
     };
-    let mut request = Request::default();
-    request.subject.user = Some("u".into());
-    request.estimate.cost_usd = Some(Micros(1));
-    let decision = engine.check(&request);
+    let decision = engine.check(&user_request(Micros(1)));
     ledger.delete_all().unwrap();
     assert!(decision.allowed, "{decision:?}");
     assert_eq!(
