@@ -152,7 +152,9 @@ impl FromStr for Micros {
 
 impl Serialize for Micros {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
+        // The decimal text straight from a stack buffer: `collect_str` would go through
+        // the formatting machinery for every amount of every decision.
+        serializer.serialize_str(self.write_decimal(&mut [0u8; 28]))
     }
 }
 
@@ -252,6 +254,19 @@ mod tests {
         assert_eq!(v, Micros(3_000_000));
         assert!(serde_json::from_str::<Micros>("true").is_err());
         assert_eq!(serde_json::to_string(&Micros(1)).unwrap(), "\"0.000001\"");
+    }
+
+    #[test]
+    fn serializes_as_its_decimal_text() {
+        for m in [Micros(-3_120_000), Micros(0), Micros(i64::MAX)] {
+            let json = serde_json::to_string(&m).unwrap();
+            assert_eq!(json, format!("\"{m}\""));
+            assert_eq!(serde_json::from_str::<Micros>(&json).unwrap(), m);
+        }
+        assert_eq!(
+            serde_json::to_string(&Micros(-3_120_000)).unwrap(),
+            "\"-3.120000\""
+        );
     }
 
     #[test]
