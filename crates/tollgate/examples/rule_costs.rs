@@ -2,7 +2,9 @@
 //! `cargo run --release -p tollgate --example rule_costs` (set ONLY=<text> to pick rules,
 //! ITER=<n> checks a policy, TICK_MS=<ms> to move the clock before each check so that
 //! reservations and decision records lapse as they would, PREAMBLE=<yaml> to prefix each
-//! policy document, e.g. `reservation_ttl: 1s`). Each line gives the time and allocations
+//! policy document, e.g. `reservation_ttl: 1s`, THRASH_KB=<kb> to write that much memory
+//! before each timed check, as a server's sockets and HTTP code do between two checks, and
+//! time the checks alone, on cold caches). Each line gives the time and allocations
 //! per check and the heap the timed checks left allocated, per check (what the ledger
 //! keeps: reservations and decision records until they lapse, with their queues' slack).
 
@@ -37,7 +39,8 @@ unsafe impl GlobalAlloc for Counting {
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
-use std::time::Instant;
+use std::cell::{Cell, RefCell};
+use std::time::{Duration, Instant};
 use tollgate::ledger::{Apply, CounterKey, LedgerError, OpResult, Plan, SpendUsage};
 use tollgate::{Engine, Ledger, ManualClock, Micros, RecordOutcome};
 
@@ -66,6 +69,15 @@ impl Ledger for NullLedger {
     fn spend_usage(&self, _: Option<(&str, &str)>, _: i64, _: WindowOf) -> Usage {
         Ok(Vec::new())
     }
+}
+
+/// Writes one byte per cache line of `buf`: what a server's network stack and HTTP code
+/// do to the caches between two checks.
+fn evict(buf: &mut [u8]) {
+    for i in (0..buf.len()).step_by(64) {
+        buf[i] = buf[i].wrapping_add(1);
+    }
+    std::hint::black_box(&buf);
 }
 
 type WindowOf<'a> = &'a dyn Fn(&str, &str) -> Option<i64>;
@@ -104,6 +116,12 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
+    let thrash_kb: usize = std::env::var("THRASH_KB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let thrash = RefCell::new(vec![0u8; thrash_kb * 1024]);
+    let cold_checks = Cell::new(Duration::ZERO);
     for r in rules
         .iter()
         .filter(|r| only.as_deref().is_none_or(|o| r.contains(o)))
@@ -124,22 +142,35 @@ fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(300_000);
         // Every user's counters exist before timing: the steady state, not creation.
-        let check = |r| {
+        // A timed check on cold caches is timed alone, without the eviction before it.
+        let check = |r, timed: bool| {
             if tick != 0 {
                 clock.advance(tick);
             }
-            std::hint::black_box(e.check(r));
+            if timed && thrash_kb != 0 {
+                evict(&mut thrash.borrow_mut());
+                let t = Instant::now();
+                std::hint::black_box(e.check(r));
+                cold_checks.set(cold_checks.get() + t.elapsed());
+            } else {
+                std::hint::black_box(e.check(r));
+            }
         };
         for r in &reqs {
-            check(r);
+            check(r, false);
         }
         let allocations = ALLOCATIONS.load(Ordering::Relaxed);
         let live = LIVE_BYTES.load(Ordering::Relaxed);
+        cold_checks.set(Duration::ZERO);
         let t = Instant::now();
         for i in 0..n {
-            check(&reqs[i % reqs.len()]);
+            check(&reqs[i % reqs.len()], true);
         }
-        let elapsed = t.elapsed();
+        let elapsed = if thrash_kb == 0 {
+            t.elapsed()
+        } else {
+            cold_checks.get()
+        };
         let per = (ALLOCATIONS.load(Ordering::Relaxed) - allocations) as f64 / n.max(1) as f64;
         let grown = (LIVE_BYTES.load(Ordering::Relaxed) - live) as f64 / n.max(1) as f64;
         println!(
