@@ -30,14 +30,7 @@ measure() {
   for _ in $(seq 300); do grep -q "listening on" "$data/out" 2>/dev/null && break; sleep 0.2; done
   local addr
   addr="$(sed -n 's/^listening on //p' "$data/out")"
-  cat >"$data/check.lua" <<'LUA'
-local n = 0
-request = function()
-  n = n + 1
-  local body = string.format('{"subject":{"user":"u%d","team":"t%d","agent":"analyst"},"model":"gpt-4o","labels":{"input":"public","plan":"pro"},"estimate":{"cost_usd":"0.00001","input_tokens":1000}}', n % 100000, n % 100)
-  return wrk.format("POST", "/v1/check", {["Content-Type"] = "application/json"}, body)
-end
-LUA
+  cp bench/check.lua "$data/check.lua"
   sed -e 's|"POST", "/v1/check"|"GET", "/healthz"|' "$data/check.lua" >"$data/healthz.lua"
   callgrind_control -i on "$pid" >/dev/null 2>&1
   local requests

@@ -23,14 +23,7 @@ trap 'kill $pid 2>/dev/null; rm -rf "$data"' EXIT
 for _ in $(seq 50); do grep -q "listening on" "$data/out" 2>/dev/null && break; sleep 0.1; done
 addr="$(sed -n 's/^listening on //p' "$data/out")"
 
-cat >"$data/check.lua" <<'LUA'
-local n = 0
-request = function()
-  n = n + 1
-  local body = string.format('{"subject":{"user":"u%d","team":"t%d","agent":"analyst"},"model":"gpt-4o","labels":{"input":"public","plan":"pro"},"estimate":{"cost_usd":"0.00001","input_tokens":1000}}', n % 100000, n % 100)
-  return wrk.format("POST", "/v1/check", {["Content-Type"] = "application/json"}, body)
-end
-LUA
+cp bench/check.lua "$data/check.lua"
 
 # The trivial request is built by the same Lua code (same per-request client cost on this
 # 2-core machine, where wrk shares the CPU with the server); only the endpoint differs.
