@@ -382,6 +382,40 @@ async fn api_and_admin_keys() {
     assert_eq!(r.status().as_u16(), 401);
 }
 
+/// Every data-plane route checks the API key before anything else, and a good key passes.
+#[tokio::test]
+async fn every_data_plane_route_checks_the_api_key() {
+    let server = Server::start(None, &[("TOLLGATE_API_KEYS", "svc=data-key")]);
+    let c = client();
+    let routes = [
+        (reqwest::Method::POST, "/v1/check"),
+        (reqwest::Method::POST, "/v1/record"),
+        (reqwest::Method::POST, "/v1/leases"),
+        (reqwest::Method::DELETE, "/v1/leases/x"),
+        (reqwest::Method::POST, "/v1/runs"),
+        (reqwest::Method::GET, "/v1/runs/x"),
+        (reqwest::Method::GET, "/v1/settings/effective"),
+        (reqwest::Method::GET, "/v1/usage"),
+        (reqwest::Method::POST, "/v1/products/p/admit"),
+        (reqwest::Method::POST, "/v1/products/p/provision"),
+        (reqwest::Method::DELETE, "/v1/products/p/provision/x"),
+    ];
+    for (method, path) in routes {
+        let request = || c.request(method.clone(), server.url(path)).json(&json!({}));
+        assert_eq!(status_of(request()).await, 401, "{method} {path} without a key");
+        assert_eq!(
+            status_of(request().bearer_auth("wrong")).await,
+            401,
+            "{method} {path} with a wrong key"
+        );
+        assert_ne!(
+            status_of(request().bearer_auth("data-key")).await,
+            401,
+            "{method} {path} with the key"
+        );
+    }
+}
+
 #[tokio::test]
 async fn control_plane_versions_settings_and_audit() {
     let server = Server::start(Some(POLICY), &[]);

@@ -1,9 +1,14 @@
 //! API keys (data plane, `Authorization: Bearer`) and admin keys (`X-Admin-Key`),
 //! compared in constant time.
 
+use std::sync::Arc;
+
+use axum::extract::FromRequestParts;
 use axum::http::HeaderMap;
+use axum::http::request::Parts;
 use subtle::ConstantTimeEq;
 
+use super::AppState;
 use super::error::ApiError;
 
 /// Named keys from `name=key,name=key`.
@@ -53,6 +58,22 @@ pub fn data(keys: &Keys, headers: &HeaderMap) -> Result<(), ApiError> {
     keys.find(given)
         .map(|_| ())
         .ok_or_else(|| ApiError::unauthorized("unknown API key"))
+}
+
+/// A data-plane caller whose API key checked out (every caller, when no key is
+/// configured). Checked on the request's own headers: the `HeaderMap` extractor would
+/// copy all of them on every check.
+pub struct DataCaller;
+
+impl FromRequestParts<Arc<AppState>> for DataCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, ApiError> {
+        data(&state.api_keys, &parts.headers).map(|()| DataCaller)
+    }
 }
 
 /// The control plane: closed when no admin key is configured. Returns the actor.

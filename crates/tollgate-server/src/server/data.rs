@@ -8,7 +8,7 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
@@ -16,8 +16,9 @@ use serde_json::json;
 use tollgate::duration::Millis;
 use tollgate::{Decision, EngineError, Micros, RecordOutcome, Request, RunSpec, Subject};
 
+use super::auth::DataCaller;
 use super::error::{ApiError, body_rejection, parse_json};
-use super::{Counters, State, auth};
+use super::{Counters, State};
 
 /// Only the named query parameters are accepted (a typo must not be silently ignored).
 pub fn query(q: &HashMap<String, String>, allowed: &[&str]) -> Result<(), ApiError> {
@@ -149,10 +150,9 @@ pub fn decision_response(decision: &Decision, allowed_status: StatusCode) -> Res
 pub async fn check(
     s: State,
     Query(q): Query<HashMap<String, String>>,
-    headers: HeaderMap,
+    _caller: DataCaller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    auth::data(&s.api_keys, &headers)?;
     query(&q, &["explain"])?;
     let explain = flag(&q, "explain")?;
     let request: Request = parse_json(&body.map_err(body_rejection)?)?;
@@ -180,10 +180,9 @@ struct RecordBody {
 #[utoipa::path(post, path = "/v1/record", responses((status = 200, description = "{recorded, duplicate}"), (status = 404, description = "unknown decision"), (status = 400), (status = 503)))]
 pub async fn record(
     s: State,
-    headers: HeaderMap,
+    _caller: DataCaller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    auth::data(&s.api_keys, &headers)?;
     let body: RecordBody = parse_json(&body.map_err(body_rejection)?)?;
     if body.cost_usd.0 < 0 {
         return Err(ApiError::bad_request("`cost_usd` must not be negative")
@@ -267,10 +266,9 @@ fn recorded(duplicate: bool) -> Response {
 pub async fn acquire(
     s: State,
     Query(q): Query<HashMap<String, String>>,
-    headers: HeaderMap,
+    _caller: DataCaller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    auth::data(&s.api_keys, &headers)?;
     query(&q, &["ttl", "explain"])?;
     let explain = flag(&q, "explain")?;
     let ttl = match q.get("ttl") {
@@ -320,10 +318,9 @@ pub async fn acquire_lease(
 #[utoipa::path(delete, path = "/v1/leases/{id}", responses((status = 204), (status = 404)))]
 pub async fn release(
     s: State,
-    headers: HeaderMap,
+    _caller: DataCaller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    auth::data(&s.api_keys, &headers)?;
     release_lease(&s, &id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -347,10 +344,9 @@ pub async fn release_lease(s: &super::AppState, id: &str) -> Result<(), ApiError
 #[utoipa::path(post, path = "/v1/runs", responses((status = 201, description = "{id, policy_version, settings, budget_usd}"), (status = 409, description = "the id exists"), (status = 422), (status = 400)))]
 pub async fn create_run(
     s: State,
-    headers: HeaderMap,
+    _caller: DataCaller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    auth::data(&s.api_keys, &headers)?;
     let spec: RunSpec = parse_json(&body.map_err(body_rejection)?)?;
     let info = s.engine.create_run(spec.clone()).map_err(|e| match e {
         EngineError::RunExists(_) => {
@@ -374,10 +370,9 @@ pub async fn create_run(
 #[utoipa::path(get, path = "/v1/runs/{id}", responses((status = 200), (status = 404)))]
 pub async fn get_run(
     s: State,
-    headers: HeaderMap,
+    _caller: DataCaller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    auth::data(&s.api_keys, &headers)?;
     ensure_run(&s, Some(&id)).await?;
     let info = s
         .engine
@@ -390,10 +385,9 @@ pub async fn get_run(
 #[utoipa::path(get, path = "/v1/settings/effective", responses((status = 200, description = "{settings: {KEY: {value, source}}}"), (status = 404, description = "unknown run")))]
 pub async fn effective_settings(
     s: State,
-    headers: HeaderMap,
+    _caller: DataCaller,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    auth::data(&s.api_keys, &headers)?;
     query(&q, &["product", "team", "key", "user", "agent", "run"])?;
     let get = |k: &str| q.get(k).cloned();
     let subject = Subject {
@@ -416,10 +410,9 @@ pub async fn effective_settings(
 #[utoipa::path(get, path = "/v1/usage", responses((status = 200, description = "{items: [...]}")))]
 pub async fn usage(
     s: State,
-    headers: HeaderMap,
+    _caller: DataCaller,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    auth::data(&s.api_keys, &headers)?;
     query(&q, &["dimension", "id"])?;
     let filter = match (q.get("dimension"), q.get("id")) {
         (Some(d), Some(i)) => Some((d.as_str(), i.as_str())),

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 use tollgate::{Code, Decision, Request};
 
+use super::auth::DataCaller;
 use super::data::{acquire_lease, decision_response, observe, release_lease};
 use super::error::{ApiError, body_rejection, parse_json};
 use super::{AppState, State, admin, auth};
@@ -170,11 +171,10 @@ fn product_max_engines(s: &AppState, id: &str) -> Option<u64> {
 #[utoipa::path(post, path = "/v1/products/{id}/admit", responses((status = 200, description = "the decision"), (status = 429, description = "RATE_LIMITED (convention body)"), (status = 403)))]
 pub async fn admit(
     s: State,
-    headers: HeaderMap,
+    _caller: DataCaller,
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    auth::data(&s.api_keys, &headers)?;
     let request = request_for(&id, &body.map_err(body_rejection)?, "admit")?;
     let started = std::time::Instant::now();
     let decision = s.blocking(|| s.engine.check(&request));
@@ -189,11 +189,10 @@ pub async fn admit(
 #[utoipa::path(post, path = "/v1/products/{id}/provision", responses((status = 201, description = "the decision plus lease_id"), (status = 429, description = "QUOTA_EXCEEDED (convention body)")))]
 pub async fn provision(
     s: State,
-    headers: HeaderMap,
+    _caller: DataCaller,
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    auth::data(&s.api_keys, &headers)?;
     let mut request = request_for(&id, &body.map_err(body_rejection)?, "provision")?;
     request.resource = Some("engines".into());
     let decision = acquire_lease(&s, &request, None, false, "provision").await?;
@@ -207,10 +206,9 @@ pub async fn provision(
 #[utoipa::path(delete, path = "/v1/products/{id}/provision/{lease_id}", responses((status = 204), (status = 404)))]
 pub async fn deprovision(
     s: State,
-    headers: HeaderMap,
+    _caller: DataCaller,
     Path((_id, lease)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    auth::data(&s.api_keys, &headers)?;
     release_lease(&s, &lease).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
