@@ -402,7 +402,11 @@ async fn every_data_plane_route_checks_the_api_key() {
     ];
     for (method, path) in routes {
         let request = || c.request(method.clone(), server.url(path)).json(&json!({}));
-        assert_eq!(status_of(request()).await, 401, "{method} {path} without a key");
+        assert_eq!(
+            status_of(request()).await,
+            401,
+            "{method} {path} without a key"
+        );
         assert_eq!(
             status_of(request().bearer_auth("wrong")).await,
             401,
