@@ -4,8 +4,9 @@ machine): microseconds Redis spends per EVALSHA, from INFO commandstats.
     bench/redis_script_cost.sh A.lua B.lua [KIND_A KIND_B]
 
 KIND is how a script is called: `tb` (apply.lua's arguments for one token bucket, on
-1,000 keys), `sp` (one budget reservation, on 1,000 budgets), `bare` (the bare bucket of redis_bench: one argument) or `bare13` (the bare
-bucket with twelve more arguments it does not read). Run with `bench/redis_script_cost.sh`.
+1,000 keys), `sp` (one budget reservation, on 1,000 budgets), `bare` (the bare bucket of
+redis_bench: one argument) or `bare13` (the bare bucket with twelve more arguments it
+does not read). Run with `bench/redis_script_cost.sh`.
 """
 import os
 import sys

@@ -39,7 +39,7 @@ unsafe impl GlobalAlloc for Counting {
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
-use std::cell::{Cell, RefCell};
+use std::str::FromStr;
 use std::time::{Duration, Instant};
 use tollgate::ledger::{Apply, CounterKey, LedgerError, OpResult, Plan, SpendUsage};
 use tollgate::{Engine, Ledger, ManualClock, Micros, RecordOutcome};
@@ -80,6 +80,14 @@ fn evict(buf: &mut [u8]) {
     std::hint::black_box(&buf);
 }
 
+/// A number from the environment, or `default` when unset or not a number.
+fn env_number<T: FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 type WindowOf<'a> = &'a dyn Fn(&str, &str) -> Option<i64>;
 type Usage = Result<Vec<SpendUsage>, LedgerError>;
 
@@ -112,16 +120,9 @@ fn main() {
     );
     let mut rules: Vec<&str> = rules.to_vec();
     rules.push(&all);
-    let tick: i64 = std::env::var("TICK_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let thrash_kb: usize = std::env::var("THRASH_KB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let thrash = RefCell::new(vec![0u8; thrash_kb * 1024]);
-    let cold_checks = Cell::new(Duration::ZERO);
+    let tick: i64 = env_number("TICK_MS", 0);
+    let thrash_kb: usize = env_number("THRASH_KB", 0);
+    let mut thrash = vec![0u8; thrash_kb * 1024];
     for r in rules
         .iter()
         .filter(|r| only.as_deref().is_none_or(|o| r.contains(o)))
@@ -137,21 +138,19 @@ fn main() {
                 std::env::var("PREAMBLE").unwrap_or_default()
             ))
             .unwrap();
-        let n: usize = std::env::var("ITER")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(300_000);
+        let n: usize = env_number("ITER", 300_000);
         // Every user's counters exist before timing: the steady state, not creation.
         // A timed check on cold caches is timed alone, without the eviction before it.
-        let check = |r, timed: bool| {
+        let mut cold_checks = Duration::ZERO;
+        let mut check = |r, timed: bool| {
             if tick != 0 {
                 clock.advance(tick);
             }
             if timed && thrash_kb != 0 {
-                evict(&mut thrash.borrow_mut());
+                evict(&mut thrash);
                 let t = Instant::now();
                 std::hint::black_box(e.check(r));
-                cold_checks.set(cold_checks.get() + t.elapsed());
+                cold_checks += t.elapsed();
             } else {
                 std::hint::black_box(e.check(r));
             }
@@ -161,7 +160,6 @@ fn main() {
         }
         let allocations = ALLOCATIONS.load(Ordering::Relaxed);
         let live = LIVE_BYTES.load(Ordering::Relaxed);
-        cold_checks.set(Duration::ZERO);
         let t = Instant::now();
         for i in 0..n {
             check(&reqs[i % reqs.len()], true);
@@ -169,7 +167,7 @@ fn main() {
         let elapsed = if thrash_kb == 0 {
             t.elapsed()
         } else {
-            cold_checks.get()
+            cold_checks
         };
         let per = (ALLOCATIONS.load(Ordering::Relaxed) - allocations) as f64 / n.max(1) as f64;
         let grown = (LIVE_BYTES.load(Ordering::Relaxed) - live) as f64 / n.max(1) as f64;

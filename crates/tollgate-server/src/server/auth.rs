@@ -46,7 +46,7 @@ impl Keys {
 }
 
 /// The data plane: open when no API key is configured.
-pub fn data(keys: &Keys, headers: &HeaderMap) -> Result<(), ApiError> {
+fn data(keys: &Keys, headers: &HeaderMap) -> Result<(), ApiError> {
     if keys.is_empty() {
         return Ok(());
     }
