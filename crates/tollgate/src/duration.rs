@@ -11,6 +11,10 @@ impl Millis {
     pub const SECOND: Millis = Millis(1000);
     /// One day.
     pub const DAY: Millis = Millis(86_400_000);
+    /// The longest duration a policy or request may give: 36,500 days (about 100 years).
+    /// A longer window or TTL is a slip of the keyboard, and with durations this small
+    /// `now ± duration` stays far from `i64` overflow everywhere time is counted.
+    pub const MAX: Millis = Millis(36_500 * 86_400_000);
 
     /// Parses `10s`, `1m`, `1h30m`, `500ms`, `7d`, `2w`. Zero and negative durations are refused.
     pub fn parse(text: &str) -> Option<Millis> {
@@ -45,7 +49,7 @@ impl Millis {
             };
             total = total.checked_add(n.checked_mul(unit)?)?;
         }
-        (total > 0).then_some(Millis(total))
+        (total > 0 && total <= Millis::MAX.0).then_some(Millis(total))
     }
 
     /// The duration in days, as a real number (36h = 1.5).
@@ -83,8 +87,18 @@ mod tests {
         assert_eq!(Millis::parse("1h30m"), Some(Millis(5_400_000)));
         assert_eq!(Millis::parse("7d"), Some(Millis(604_800_000)));
         assert_eq!(Millis::parse("1w"), Some(Millis(604_800_000)));
+        assert_eq!(Millis::parse("36500d"), Some(Millis::MAX));
         for bad in ["", "10", "10 parsecs", "s", "-1s", "0s", "1.5h", "1x"] {
             assert_eq!(Millis::parse(bad), None, "{bad}");
+        }
+        // Past the longest accepted duration, or past i64 milliseconds.
+        for too_long in [
+            "36501d",
+            "36500d1ms",
+            "9223372036854775807ms",
+            "99999999999999d",
+        ] {
+            assert_eq!(Millis::parse(too_long), None, "{too_long}");
         }
     }
 

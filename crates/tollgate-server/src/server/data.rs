@@ -272,10 +272,9 @@ pub async fn acquire(
     query(&q, &["ttl", "explain"])?;
     let explain = flag(&q, "explain")?;
     let ttl = match q.get("ttl") {
-        Some(t) => Some(
-            Millis::parse(t)
-                .ok_or_else(|| ApiError::bad_request(format!("bad `ttl` `{t}` (e.g. 30s, 5m)")))?,
-        ),
+        Some(t) => Some(Millis::parse(t).ok_or_else(|| {
+            ApiError::bad_request(format!("bad `ttl` `{t}` (e.g. 30s, 5m; at most 36500d)"))
+        })?),
         None => None,
     };
     let request: Request = parse_json(&body.map_err(body_rejection)?)?;

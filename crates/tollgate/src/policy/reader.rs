@@ -261,7 +261,7 @@ pub(crate) fn duration(node: &Node, at: &At, d: &mut Diags) -> Option<Millis> {
             at.error(
                 d,
                 node.pos,
-                format!("bad duration `{text}` (write a positive number with a unit: 500ms, 10s, 1m, 1h, 7d)"),
+                format!("bad duration `{text}` (write a positive number with a unit: 500ms, 10s, 1m, 1h, 7d; at most 36500d)"),
             );
             None
         }

@@ -41,7 +41,7 @@ policies:
     assert_eq!((line, col), (5, 44));
     assert_eq!(
         msg,
-        "policies[0].rules[0].per: rule `r` of policy `p`: bad duration `10 parsecs` (write a positive number with a unit: 500ms, 10s, 1m, 1h, 7d)"
+        "policies[0].rules[0].per: rule `r` of policy `p`: bad duration `10 parsecs` (write a positive number with a unit: 500ms, 10s, 1m, 1h, 7d; at most 36500d)"
     );
     assert_eq!(find(&errs, "duplicate rule id").0, 6);
     let (line, _, msg) = find(&errs, "limit_usd");
