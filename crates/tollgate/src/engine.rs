@@ -31,6 +31,9 @@ pub enum EngineError {
     /// A `record` named a decision id that is not an id at all.
     #[error("`{0}` is not a decision id")]
     BadDecisionId(String),
+    /// A `record` with a negative cost (spend only grows).
+    #[error("`cost_usd` must not be negative (got {0})")]
+    NegativeCost(Micros),
     /// A lease id that is not an id at all.
     #[error("`{0}` is not a lease id")]
     BadLeaseId(String),
@@ -473,10 +476,14 @@ impl Engine {
             .collect()
     }
 
-    /// Replaces a decision's reservations by its actual cost (idempotent).
+    /// Replaces a decision's reservations by its actual cost (idempotent). A negative
+    /// cost is refused, as over HTTP: nothing is recorded.
     pub fn record(&self, decision_id: &str, cost: Micros) -> Result<RecordOutcome, EngineError> {
         let id = uuid::Uuid::parse_str(decision_id)
             .map_err(|_| EngineError::BadDecisionId(decision_id.to_string()))?;
+        if cost.0 < 0 {
+            return Err(EngineError::NegativeCost(cost));
+        }
         Ok(self
             .ledger
             .record(id.as_u128(), cost, self.clock.now_ms())?)

@@ -357,7 +357,7 @@ pub(crate) fn decide(
         for (op, r) in plan.ops.iter().zip(results.iter_mut()) {
             match op.kind {
                 OpKind::Rate { .. } | OpKind::Lease { .. } if r.granted => r.remaining += 1,
-                OpKind::Spend { limit, .. } => r.remaining = (limit.0 - r.used).max(0),
+                OpKind::Spend { limit, .. } => r.remaining = limit.0.saturating_sub(r.used).max(0),
                 _ => {}
             }
         }

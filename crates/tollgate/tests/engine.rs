@@ -3,7 +3,11 @@
 use std::sync::Arc;
 
 use serde_json::json;
-use tollgate::{Code, CustomRule, CustomVerdict, Engine, ManualClock, Request, RunSpec, Subject};
+use tollgate::decision::Remaining;
+use tollgate::{
+    Code, CustomRule, CustomVerdict, Engine, ManualClock, Micros, RecordOutcome, Request, RunSpec,
+    Subject,
+};
 
 fn request(json: serde_json::Value) -> Request {
     serde_json::from_value(json).unwrap()
@@ -361,4 +365,57 @@ fn a_counter_keyed_by_model_follows_a_downgrade_between_rules() {
         "{direct:?}"
     );
     assert!(engine.check(&request(json!({"model": "large"}))).allowed);
+}
+
+/// Recorded costs near `i64::MAX` micro-dollars: their sum does not wrap round to a small
+/// or negative one (which would reopen a spent budget), and what is left is reported as 0.
+#[test]
+fn spend_past_i64_does_not_wrap_round() {
+    for period in ["total", "month", "rolling:1h"] {
+        let engine = Engine::builder()
+            .clock(Arc::new(ManualClock::new(1_767_225_600_000)))
+            .build_from_text(&format!(
+                "policies: [{{name: p, rules: [{{id: b, type: budget, limit_usd: 10, period: '{period}'}}]}}]"
+            ))
+            .unwrap();
+        let first = engine.check(&Request::default());
+        let second = engine.check(&Request::default());
+        assert!(first.allowed && second.allowed, "{period}");
+        for d in [&first, &second] {
+            engine.record(&d.decision_id, Micros(i64::MAX)).unwrap();
+        }
+        let after = engine.check(&Request::default());
+        assert_eq!(after.code, Code::BudgetExceeded, "{period}: {after:?}");
+        assert_eq!(
+            after.remaining["b"],
+            Remaining::Usd(Micros::ZERO),
+            "{period}"
+        );
+        let usage = engine.usage(None).unwrap();
+        assert_eq!(usage[0].spent_usd, Micros(i64::MAX), "{period}");
+    }
+}
+
+#[test]
+fn record_refuses_a_negative_cost_and_changes_nothing() {
+    let engine = Engine::builder()
+        .build_from_text(
+            "policies: [{name: p, rules: [{id: b, type: budget, limit_usd: 10, period: total}]}]",
+        )
+        .unwrap();
+    let d = engine.check(&Request::default());
+    let err = engine
+        .record(&d.decision_id, Micros(-1_500_000))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "`cost_usd` must not be negative (got -1.500000)"
+    );
+    assert_eq!(engine.usage(None).unwrap()[0].spent_usd, Micros::ZERO);
+    // The decision can still be recorded.
+    assert_eq!(
+        engine.record(&d.decision_id, Micros(2_000_000)).unwrap(),
+        RecordOutcome::Recorded
+    );
+    assert_eq!(engine.usage(None).unwrap()[0].spent_usd, Micros(2_000_000));
 }

@@ -29,23 +29,28 @@ const SHARDS: usize = 64;
 const SWEEP_EVERY: u32 = if cfg!(test) { 64 } else { 4096 };
 const DAY_MS: i128 = 86_400_000;
 
+/// One counter's spend. The sums are `i128`: each amount is at most `i64::MAX`
+/// micro-dollars, but a counter's sum of them can go past it, and a sum that wrapped
+/// round would turn a spent budget into an unspent one. What is reported is clamped to
+/// `i64::MAX` ([`clamp`]).
 #[derive(Debug, Default, Clone)]
 struct Spend {
-    /// Recorded spend by check time, sorted.
+    /// Recorded spend by check time, sorted (several entries for one time when their sum
+    /// would not fit one).
     events: VecDeque<(i64, i64)>,
-    events_sum: i64,
+    events_sum: i128,
     /// Spend that fell out of every window but still counts for `total`.
-    folded: i64,
+    folded: i128,
     /// Live reservations in the order they were made (so by check time, and by expiry
     /// while the TTL stays the same); recorded ones are zeroed in place.
     reservations: VecDeque<Reservation>,
-    reserved_sum: i64,
+    reserved_sum: i128,
     /// The reservations made before `before_start` (a period that turned while they
     /// were live) are the first `before_len` of the queue and sum to `before_sum`: kept
     /// as the queue changes, so a check after a turn does not walk them again.
     before_start: i64,
     before_len: usize,
-    before_sum: i64,
+    before_sum: i128,
     /// Some reservation was made before one ahead of it in the queue (a clock set back):
     /// a record then finds its reservation by a walk, not by bisection, until the queue
     /// empties.
@@ -64,7 +69,7 @@ struct Reservation {
 }
 
 impl Spend {
-    fn recorded_since(&mut self, window_start: i64) -> i64 {
+    fn recorded_since(&mut self, window_start: i64) -> i128 {
         if window_start == i64::MIN {
             return self.folded + self.events_sum;
         }
@@ -73,13 +78,13 @@ impl Spend {
                 break;
             }
             self.events.pop_front();
-            self.events_sum -= amount;
-            self.folded += amount;
+            self.events_sum -= i128::from(amount);
+            self.folded += i128::from(amount);
         }
         self.events_sum
     }
 
-    fn reserved_since(&mut self, window_start: i64, now: i64) -> i64 {
+    fn reserved_since(&mut self, window_start: i64, now: i64) -> i128 {
         // Expire from the front: O(1) amortised. A reservation made under a longer TTL
         // can hold back later ones for a while; that errs on the side of the limit.
         // Recorded ones (zeroed) go as soon as they reach the front.
@@ -87,10 +92,10 @@ impl Spend {
             if r.expires > now && r.amount != 0 {
                 break;
             }
-            self.reserved_sum -= r.amount;
+            self.reserved_sum -= i128::from(r.amount);
             if self.before_len > 0 {
                 self.before_len -= 1;
-                self.before_sum -= r.amount;
+                self.before_sum -= i128::from(r.amount);
             }
             self.reservations.pop_front();
         }
@@ -108,7 +113,7 @@ impl Spend {
                 if r.at >= window_start {
                     break;
                 }
-                self.before_sum += r.amount;
+                self.before_sum += i128::from(r.amount);
                 self.before_len += 1;
             }
         }
@@ -121,7 +126,7 @@ impl Spend {
             None => self.out_of_order = false,
             _ => {}
         }
-        self.reserved_sum += r.amount;
+        self.reserved_sum += i128::from(r.amount);
         self.reservations.push_back(r);
     }
 
@@ -143,9 +148,9 @@ impl Spend {
         };
         if let Some(i) = found {
             let r = &mut self.reservations[i];
-            self.reserved_sum -= r.amount;
+            self.reserved_sum -= i128::from(r.amount);
             if i < self.before_len {
-                self.before_sum -= r.amount;
+                self.before_sum -= i128::from(r.amount);
             }
             r.amount = 0;
         }
@@ -153,12 +158,14 @@ impl Spend {
 
     fn add_event(&mut self, at: i64, amount: i64) {
         let i = self.events.partition_point(|&(t, _)| t <= at);
-        if i > 0 && self.events[i - 1].0 == at {
-            self.events[i - 1].1 += amount;
-        } else {
+        let merged = match self.events.get_mut(i.wrapping_sub(1)) {
+            Some((t, sum)) if *t == at => sum.checked_add(amount).map(|s| *sum = s),
+            _ => None,
+        };
+        if merged.is_none() {
             self.events.insert(i, (at, amount));
         }
-        self.events_sum += amount;
+        self.events_sum += i128::from(amount);
     }
 
     /// When enough spend leaves the trailing window for `amount` to fit under `limit`.
@@ -167,7 +174,7 @@ impl Spend {
         window_start: i64,
         window_ms: i64,
         now: i64,
-        used: i64,
+        used: i128,
         amount: i64,
         limit: i64,
     ) -> Option<u64> {
@@ -192,8 +199,8 @@ impl Spend {
                 (Some(_), _) => events.next(),
                 (None, _) => reservations.next(),
             }?;
-            left -= a;
-            if left < limit && left + amount <= limit {
+            left -= i128::from(a);
+            if left < i128::from(limit) && left + i128::from(amount) <= i128::from(limit) {
                 return Some((t + window_ms + 1 - now).max(1) as u64);
             }
         }
@@ -536,6 +543,12 @@ fn guard<'g, 'a>(guards: &'g mut [(usize, MutexGuard<'a, Shard>)], id: u128) -> 
     &mut guards[pos].1
 }
 
+/// A sum of amounts as an amount: `i64::MAX` micro-dollars (9.2 trillion dollars) when it
+/// is more (or `i64::MIN` when less), which every limit is exceeded by.
+fn clamp(sum: i128) -> i64 {
+    sum.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
+}
+
 /// Whether an operation's counter holds spend (and so needs its label).
 fn spends(kind: &OpKind) -> bool {
     matches!(kind, OpKind::Spend { .. } | OpKind::Forecast { .. })
@@ -738,10 +751,11 @@ fn evaluate(counter: &mut Counter, op: &Op<'_>, now: i64) -> (OpResult, Effect) 
         ) => {
             let used =
                 spend.recorded_since(*window_start) + spend.reserved_since(*window_start, now);
-            let refused = crate::rules::budget::exceeds(Micros(used), *amount, *limit);
+            let refused = crate::rules::budget::exceeds(Micros(clamp(used)), *amount, *limit);
             // A refused non-enforcing operation still reserves when the plan commits.
             let reserves = !refused || !op.enforcing;
-            let remaining = (limit.0 - used - if reserves { amount.0 } else { 0 }).max(0);
+            let reserved = if reserves { amount.0 } else { 0 };
+            let remaining = clamp(i128::from(limit.0) - used - i128::from(reserved)).max(0);
             let retry_after_ms = match window_ms {
                 Some(w) if refused && *window_start != i64::MIN => {
                     spend.retry_after(*window_start, *w, now, used, amount.0, limit.0)
@@ -751,7 +765,7 @@ fn evaluate(counter: &mut Counter, op: &Op<'_>, now: i64) -> (OpResult, Effect) 
             (
                 OpResult {
                     granted: !refused,
-                    used,
+                    used: clamp(used),
                     remaining,
                     retry_after_ms,
                 },
@@ -768,7 +782,7 @@ fn evaluate(counter: &mut Counter, op: &Op<'_>, now: i64) -> (OpResult, Effect) 
                 monthly_budget,
             },
         ) => {
-            let spent = i128::from(spend.recorded_since(now - lookback_ms));
+            let spent = spend.recorded_since(now - lookback_ms);
             let lookback = i128::from(*lookback_ms);
             // projected = spent / (lookback in days) * 30, compared without rounding.
             let granted = spent * 30 * DAY_MS < i128::from(monthly_budget.0) * lookback;
@@ -1019,9 +1033,9 @@ impl Ledger for MemoryLedger {
             Some(Counter {
                 state: State::Spend(spend),
                 ..
-            }) => {
-                Micros(spend.recorded_since(window_start) + spend.reserved_since(window_start, now))
-            }
+            }) => Micros(clamp(
+                spend.recorded_since(window_start) + spend.reserved_since(window_start, now),
+            )),
             _ => Micros::ZERO,
         })
     }
@@ -1086,8 +1100,8 @@ impl Ledger for MemoryLedger {
                     rule: label.rule.clone(),
                     key: super::label_text(&label.by, &label.values),
                     first_value: label.values.first().cloned(),
-                    spent: Micros(spend.recorded_since(window_start)),
-                    reserved: Micros(spend.reserved_since(window_start, now)),
+                    spent: Micros(clamp(spend.recorded_since(window_start))),
+                    reserved: Micros(clamp(spend.reserved_since(window_start, now))),
                 });
             }
         }
@@ -1114,19 +1128,19 @@ mod tests {
     /// set back.
     #[test]
     fn reservations_before_the_window_are_summed_as_a_walk_would() {
-        fn walked(spend: &mut Spend, window_start: i64, now: i64) -> i64 {
+        fn walked(spend: &mut Spend, window_start: i64, now: i64) -> i128 {
             while let Some(r) = spend.reservations.front() {
                 if r.expires > now && r.amount != 0 {
                     break;
                 }
-                spend.reserved_sum -= r.amount;
+                spend.reserved_sum -= i128::from(r.amount);
                 spend.reservations.pop_front();
             }
-            let before: i64 = spend
+            let before: i128 = spend
                 .reservations
                 .iter()
                 .take_while(|r| r.at < window_start)
-                .map(|r| r.amount)
+                .map(|r| i128::from(r.amount))
                 .sum();
             spend.reserved_sum - before
         }
