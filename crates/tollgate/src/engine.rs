@@ -296,7 +296,7 @@ impl Engine {
             CheckOptions {
                 acquire: true,
                 explain,
-                lease_expires_at: ttl.map(|t| now + t.0),
+                lease_expires_at: ttl.map(|t| now.saturating_add(t.0)),
             },
         )
     }
