@@ -119,6 +119,12 @@ async fn decisions_records_leases_runs_and_errors() {
             .json(&json!({"decision_id": id, "cost_usd": cost}))
             .send()
     };
+    // a cost out of range is refused and records nothing (the record below is the first)
+    for (cost, message) in [("-0.5", "negative"), ("9007199254.740992", "too large")] {
+        let (status, e) = json_of(record(&decision_id, cost).await.unwrap()).await;
+        assert_eq!(status, 400, "{cost}");
+        assert_eq!(e["error"]["details"][0]["message"], message, "{cost}");
+    }
     let (status, r) = json_of(record(&decision_id, "0.25").await.unwrap()).await;
     assert_eq!(
         (status, r),

@@ -31,9 +31,10 @@ pub enum EngineError {
     /// A `record` named a decision id that is not an id at all.
     #[error("`{0}` is not a decision id")]
     BadDecisionId(String),
-    /// A `record` with a negative cost (spend only grows).
-    #[error("`cost_usd` must not be negative (got {0})")]
-    NegativeCost(Micros),
+    /// A `record` with a negative cost (spend only grows) or one over
+    /// [`Micros::MAX_RECORDED`].
+    #[error("`cost_usd` must be between 0 and {max} (got {0})", max = Micros::MAX_RECORDED)]
+    CostOutOfRange(Micros),
     /// A lease id that is not an id at all.
     #[error("`{0}` is not a lease id")]
     BadLeaseId(String),
@@ -476,13 +477,13 @@ impl Engine {
             .collect()
     }
 
-    /// Replaces a decision's reservations by its actual cost (idempotent). A negative
-    /// cost is refused, as over HTTP: nothing is recorded.
+    /// Replaces a decision's reservations by its actual cost (idempotent). A cost below 0
+    /// or over [`Micros::MAX_RECORDED`] is refused, as over HTTP: nothing is recorded.
     pub fn record(&self, decision_id: &str, cost: Micros) -> Result<RecordOutcome, EngineError> {
         let id = uuid::Uuid::parse_str(decision_id)
             .map_err(|_| EngineError::BadDecisionId(decision_id.to_string()))?;
-        if cost.0 < 0 {
-            return Err(EngineError::NegativeCost(cost));
+        if !(0..=Micros::MAX_RECORDED.0).contains(&cost.0) {
+            return Err(EngineError::CostOutOfRange(cost));
         }
         Ok(self
             .ledger

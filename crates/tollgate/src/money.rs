@@ -95,6 +95,12 @@ impl Micros {
         self.0 as f64 / Self::PER_USD as f64
     }
 
+    /// The largest cost a `record` accepts: 2^53 − 1 micro-dollars (about 9.0 billion
+    /// dollars), the largest integer every ledger backend holds exactly (the Redis ledger's
+    /// scripts compute in doubles, and wrote a cost of 10^17 or more as a float that Redis
+    /// then refused halfway through the record).
+    pub const MAX_RECORDED: Micros = Micros((1 << 53) - 1);
+
     /// Saturating addition.
     pub fn saturating_add(self, other: Micros) -> Micros {
         Micros(self.0.saturating_add(other.0))

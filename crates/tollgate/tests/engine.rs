@@ -5,8 +5,8 @@ use std::sync::Arc;
 use serde_json::json;
 use tollgate::decision::Remaining;
 use tollgate::{
-    Code, CustomRule, CustomVerdict, Engine, ManualClock, Micros, RecordOutcome, Request, RunSpec,
-    Subject,
+    Code, CustomRule, CustomVerdict, Engine, EngineError, Ledger, ManualClock, MemoryLedger,
+    Micros, RecordOutcome, Request, RunSpec, Subject,
 };
 
 fn request(json: serde_json::Value) -> Request {
@@ -367,12 +367,15 @@ fn a_counter_keyed_by_model_follows_a_downgrade_between_rules() {
     assert!(engine.check(&request(json!({"model": "large"}))).allowed);
 }
 
-/// Recorded costs near `i64::MAX` micro-dollars: their sum does not wrap round to a small
-/// or negative one (which would reopen a spent budget), and what is left is reported as 0.
+/// Recorded costs near `i64::MAX` micro-dollars (more than `Engine::record` takes, but the
+/// ledger is a public trait): their sum does not wrap round to a small or negative one
+/// (which would reopen a spent budget), and what is left is reported as 0.
 #[test]
 fn spend_past_i64_does_not_wrap_round() {
     for period in ["total", "month", "rolling:1h"] {
+        let ledger = Arc::new(MemoryLedger::new());
         let engine = Engine::builder()
+            .ledger(ledger.clone())
             .clock(Arc::new(ManualClock::new(1_767_225_600_000)))
             .build_from_text(&format!(
                 "policies: [{{name: p, rules: [{{id: b, type: budget, limit_usd: 10, period: '{period}'}}]}}]"
@@ -382,7 +385,9 @@ fn spend_past_i64_does_not_wrap_round() {
         let second = engine.check(&Request::default());
         assert!(first.allowed && second.allowed, "{period}");
         for d in [&first, &second] {
-            engine.record(&d.decision_id, Micros(i64::MAX)).unwrap();
+            let id = uuid::Uuid::parse_str(&d.decision_id).unwrap().as_u128();
+            let outcome = ledger.record(id, Micros(i64::MAX), engine.now_ms());
+            assert_eq!(outcome.unwrap(), RecordOutcome::Recorded, "{period}");
         }
         let after = engine.check(&Request::default());
         assert_eq!(after.code, Code::BudgetExceeded, "{period}: {after:?}");
@@ -397,7 +402,7 @@ fn spend_past_i64_does_not_wrap_round() {
 }
 
 #[test]
-fn record_refuses_a_negative_cost_and_changes_nothing() {
+fn record_refuses_a_cost_out_of_range_and_changes_nothing() {
     let engine = Engine::builder()
         .build_from_text(
             "policies: [{name: p, rules: [{id: b, type: budget, limit_usd: 10, period: total}]}]",
@@ -409,8 +414,13 @@ fn record_refuses_a_negative_cost_and_changes_nothing() {
         .unwrap_err();
     assert_eq!(
         err.to_string(),
-        "`cost_usd` must not be negative (got -1.500000)"
+        "`cost_usd` must be between 0 and 9007199254.740991 (got -1.500000)"
     );
+    let too_large = Micros(Micros::MAX_RECORDED.0 + 1);
+    assert!(matches!(
+        engine.record(&d.decision_id, too_large),
+        Err(EngineError::CostOutOfRange(c)) if c == too_large
+    ));
     assert_eq!(engine.usage(None).unwrap()[0].spent_usd, Micros::ZERO);
     // The decision can still be recorded.
     assert_eq!(

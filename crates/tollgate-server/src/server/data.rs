@@ -188,6 +188,13 @@ pub async fn record(
         return Err(ApiError::bad_request("`cost_usd` must not be negative")
             .with_details(json!([{"field": "cost_usd", "message": "negative"}])));
     }
+    if body.cost_usd > Micros::MAX_RECORDED {
+        return Err(ApiError::bad_request(format!(
+            "`cost_usd` must be at most {}",
+            Micros::MAX_RECORDED
+        ))
+        .with_details(json!([{"field": "cost_usd", "message": "too large"}])));
+    }
     let id = uuid::Uuid::parse_str(&body.decision_id).map_err(|_| {
         ApiError::bad_request(format!("`{}` is not a decision id", body.decision_id))
     })?;
