@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
 # HTTP load bench: POST /v1/check with a 10-rule policy against GET /healthz of the same
 # server, same machine, same run; prints both rates and their ratio.
-#   bench/http_load.sh [seconds] [connections] [policy file]
+#   bench/http_load.sh [seconds] [connections] [policy file] [rounds]
+# (defaults: 2 s per endpoint and round, 32 connections, bench/policy-10-rules.yaml, 10 rounds)
 # With bench/policy-empty.yaml it measures the floor: the HTTP and JSON cost of a check
 # whose decision does nothing.
+#
+# Both endpoints are warmed first, the check long enough to reach every one of the
+# 100,000 users once: a check of a user seen before is the steady state (the first one
+# also creates the user's counters). Then each round measures /healthz and then
+# /v1/check for `seconds`. This machine is shared: the same endpoint's rate moves by a
+# third from one 6-second run to the next (the server's CPU time per /healthz request
+# too, so it is the machine, not the server). Short rounds, alternated, let both endpoints
+# see the same spells of slowness; the figure is the median of the rounds' ratios, with
+# the ratio of the totals beside it. Each line also gives the server's own CPU time per
+# request (user + system, from /proc), the part of the cost a change to the server moves.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-secs="${1:-10}"
+secs="${1:-2}"
 conns="${2:-32}"
 policy="${3:-bench/policy-10-rules.yaml}"
+rounds="${4:-10}"
 
 if ! command -v wrk >/dev/null; then
   echo "installing wrk (Debian package)" >&2
@@ -29,12 +41,44 @@ cp bench/check.lua "$data/check.lua"
 # 2-core machine, where wrk shares the CPU with the server); only the endpoint differs.
 sed -e 's|"POST", "/v1/check"|"GET", "/healthz"|' "$data/check.lua" >"$data/trivial.lua"
 
-rate() { awk '/Requests\/sec/ {print $2}'; }
+# The server's CPU time so far, in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
+ticks_per_sec="$(getconf CLK_TCK)"
+
+# run <script> <seconds>: prints "<req/s> <requests> <server CPU µs per request>".
+run() {
+  local before after out
+  before="$(cpu_ticks)"
+  out="$(wrk -t2 -c"$conns" -d"$2s" -s "$1" "http://$addr")"
+  after="$(cpu_ticks)"
+  awk -v b="$before" -v a="$after" -v t="$ticks_per_sec" '
+    /requests in/ { n = $1 }
+    /Requests\/sec/ { r = $2 }
+    END { printf "%.0f %d %.1f\n", r, n, (a - b) / t / n * 1e6 }' <<<"$out"
+}
+
 echo "warming up" >&2
-wrk -t2 -c"$conns" -d2s "http://$addr/healthz" >/dev/null
-trivial="$(wrk -t2 -c"$conns" -d"${secs}s" -s "$data/trivial.lua" "http://$addr" | tee /dev/stderr | rate)"
-check="$(wrk -t2 -c"$conns" -d"${secs}s" -s "$data/check.lua" "http://$addr" | tee /dev/stderr | rate)"
+run "$data/trivial.lua" 2 >/dev/null
+read -r _ warm_requests _ < <(run "$data/check.lua" 5)
+if [ "$warm_requests" -lt 100000 ]; then
+  echo "note: the warm-up checked $warm_requests requests, fewer than the 100,000 users" >&2
+fi
+
+ratios=()
+trivial_total=0
+check_total=0
+for round in $(seq "$rounds"); do
+  read -r trivial trivial_n trivial_cpu < <(run "$data/trivial.lua" "$secs")
+  read -r check check_n check_cpu < <(run "$data/check.lua" "$secs")
+  trivial_total=$((trivial_total + trivial_n))
+  check_total=$((check_total + check_n))
+  ratio="$(awk -v a="$check" -v b="$trivial" 'BEGIN { printf "%.2f", a / b }')"
+  ratios+=("$ratio")
+  printf 'round %d: GET /healthz %6d req/s (server %5.1f µs CPU/req)   POST /v1/check %6d req/s (server %5.1f µs CPU/req)   ratio %s\n' \
+    "$round" "$trivial" "$trivial_cpu" "$check" "$check_cpu" "$ratio"
+done
 echo
-echo "GET /healthz   : $trivial req/s"
-echo "POST /v1/check : $check req/s ($policy, 100,000 users)"
-awk -v a="$check" -v b="$trivial" 'BEGIN { printf "ratio check / trivial: %.2f\n", a / b }'
+echo "POST /v1/check: $policy, 100,000 users, $conns connections, ${secs}s per endpoint and round"
+median="$(printf '%s\n' "${ratios[@]}" | sort -n | awk '{ v[NR] = $1 } END { printf "%.2f", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }')"
+echo "ratio check / trivial: median $median of $rounds rounds (${ratios[*]})"
+awk -v a="$check_total" -v b="$trivial_total" 'BEGIN { printf "ratio of the totals: %.2f (%d checks, %d trivial requests)\n", a / b, a, b }'
