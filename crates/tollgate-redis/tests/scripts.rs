@@ -100,3 +100,38 @@ fn large_amounts_come_back_from_the_script_exactly() {
         Some(&Remaining::Usd(Micros(4_999_999_999_999_999)))
     );
 }
+
+/// An estimate of `i64::MAX` micro-dollars in an alert-mode budget reserves at most
+/// `Micros::MAX_RECORDED`: Redis sums in doubles, and the whole estimate used to leave the
+/// $10 budget reporting 8 trillion dollars left, with no alert, on the next check.
+#[test]
+fn a_huge_estimate_does_not_wrap_a_redis_budget() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((_ledger, engine, _url)) = over_redis(
+        "huge",
+        "policies: [{name: p, rules: [
+           {id: b, type: budget, limit_usd: 10, period: month, by: [user], mode: alert}]}]",
+    ) else {
+        return;
+    };
+    for cost in [Micros(i64::MAX), Micros(1 << 60), Micros(5)] {
+        let decision = engine.check(&user_request(cost));
+        assert!(decision.allowed, "alert mode never refuses");
+        assert_eq!(
+            decision.remaining["b"],
+            Remaining::Usd(Micros::ZERO),
+            "{cost:?}"
+        );
+        assert_eq!(decision.alerts.len(), 1, "{cost:?}: {decision:?}");
+    }
+    let usage = engine.usage(None).unwrap();
+    assert_eq!(usage[0].remaining_usd, Micros::ZERO);
+    // Each of the two huge estimates reserved the most one call can record. The sum is past
+    // 2^53, where Redis's doubles are no longer exact (it reads 2^54 + 4, not + 3), but it
+    // has not wrapped round.
+    let reserved = usage[0].reserved_usd.0;
+    assert!(
+        (2 * Micros::MAX_RECORDED.0..=2 * Micros::MAX_RECORDED.0 + 8).contains(&reserved),
+        "{reserved}"
+    );
+}

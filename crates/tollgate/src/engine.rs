@@ -641,7 +641,7 @@ impl Engine {
                     limit_usd: limit,
                     spent_usd: row.spent,
                     reserved_usd: row.reserved,
-                    remaining_usd: Micros((limit.0 - used.0).max(0)),
+                    remaining_usd: Micros(limit.0.saturating_sub(used.0).max(0)),
                 })
             })
             .collect())

@@ -68,6 +68,14 @@ impl<'r> EvalCtx<'r> {
         }
     }
 
+    /// The estimate a spend counter reserves: at most [`Micros::MAX_RECORDED`], the most
+    /// one call can record, so that no backend sums amounts it cannot hold exactly (a
+    /// Redis budget in alert mode that reserved `i64::MAX` went on to report 8 trillion
+    /// dollars left). Only a budget over that much could tell the difference.
+    pub(crate) fn reserved_estimate(&mut self) -> Micros {
+        self.estimate().min(Micros::MAX_RECORDED)
+    }
+
     /// The counter key of the current rule for these dimensions, or why the rule is skipped.
     pub(crate) fn key(&mut self, by: &'r [Dimension]) -> Result<CounterKey<'r>, String> {
         let rule = self.rule.expect("a rule is being evaluated");

@@ -429,3 +429,23 @@ fn record_refuses_a_cost_out_of_range_and_changes_nothing() {
     );
     assert_eq!(engine.usage(None).unwrap()[0].spent_usd, Micros(2_000_000));
 }
+
+/// A spend counter reserves at most what one call can record: an alert-mode budget takes
+/// an estimate of `i64::MAX` micro-dollars as `Micros::MAX_RECORDED`.
+#[test]
+fn an_estimate_reserves_at_most_the_largest_recordable_cost() {
+    let engine = Engine::builder()
+        .build_from_text(
+            "policies: [{name: p, rules: [{id: b, type: budget, limit_usd: 10, period: total, mode: alert}]}]",
+        )
+        .unwrap();
+    let mut request = Request::default();
+    request.estimate.cost_usd = Some(Micros(i64::MAX));
+    let decision = engine.check(&request);
+    assert!(decision.allowed);
+    assert_eq!(decision.alerts.len(), 1, "{decision:?}");
+    assert_eq!(
+        engine.usage(None).unwrap()[0].reserved_usd,
+        Micros::MAX_RECORDED
+    );
+}

@@ -242,7 +242,7 @@ impl Budget {
             Err(skip) => return Step::Verdict(Verdict::Skip(skip.into())),
         };
         let limit = self.limit_for(&key.values);
-        let amount = ctx.estimate();
+        let amount = ctx.reserved_estimate();
         let window_start = self.period.window_start(ctx.now);
         if enforce
             && self.on_exceeded == OnExceeded::Downgrade

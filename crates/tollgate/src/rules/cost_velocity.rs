@@ -46,7 +46,7 @@ impl CostVelocity {
                 window_start: ctx.now - self.window.0,
                 window_ms: Some(self.window.0),
                 limit: self.limit,
-                amount: ctx.estimate(),
+                amount: ctx.reserved_estimate(),
             },
             enforcing: true,
         })
