@@ -15,6 +15,15 @@
 -- Locals, not tables: the script runs whole on every call, in Redis's one thread.
 local now, commit, n = tonumber(ARGV[1]), ARGV[2] == '1', tonumber(ARGV[3])
 
+-- A number as integer text: every digit ('%d'; Lua's own conversion keeps 14), and the
+-- nearest i64 for a double at or past 2^63 (a limit or sum near i64::MAX, in doubles),
+-- which '%d' would write as -2^63.
+local function int(x)
+  if x >= 9223372036854775807 then return '9223372036854775807' end
+  if x < -9223372036854775807 then return '-9223372036854775808' end
+  return string.format('%d', x)
+end
+
 -- Rate counters are one string: a 1 byte, then three doubles (struct '<Bddd'): units or
 -- window, last take or count, and the deadline — when the key expires. Packed, not text:
 -- Lua's pattern matching and formatting cost a one-counter call a sixth of its time in
@@ -81,7 +90,7 @@ end
 if n == 1 and (ARGV[4] == 'tb' or ARGV[4] == 'fw') and ARGV[9] == nil then
   local granted, used, remaining, retry, a, b, deadline, need = answer_rate(KEYS[1], ARGV[4], 3)
   if commit and granted then set_counter(KEYS[1], a, b, deadline, need) end
-  return string.format('%d %d %d %d', granted and 1 or 0, used, remaining, retry)
+  return string.format('%d %s %s %d', granted and 1 or 0, int(used), int(remaining), retry)
 end
 
 -- Where each operation's arguments start (one before its type), and what the plan holds.
@@ -132,7 +141,7 @@ end
 -- The spend machinery exists only in calls that need it: defining its functions and
 -- tables on every call would cost a rate-only decision about as much as its own work.
 local DAY = 86400000
-local num, each_batch, spend, int, write_spend, commit_spend, retry_after, SPEND_FIELDS, BOUNDS
+local num, each_batch, spend, write_spend, commit_spend, retry_after, SPEND_FIELDS, BOUNDS
 if has_spend then
   num = function(x) if x == false or x == nil then return nil end return tonumber(x) end
 
@@ -231,8 +240,6 @@ if has_spend then
 
   -- Writes a spend counter's sums and bounds (one HSET, and an HDEL for bounds that no
   -- longer hold), with `extra` fields.
-  -- Integers are written in full ('%d'): Lua would print large ones with 14 digits.
-  int = function(x) return string.format('%d', x) end
   BOUNDS = {'elow', 'rexp', 'rlow', 'bws', 'bsum'}
   write_spend = function(key, st, extra)
     local fields = {'esum', int(st.esum), 'folded', int(st.folded), 'rsum', int(st.rsum)}
@@ -469,6 +476,6 @@ if has_spend then
   end
 end
 -- One string of numbers, not an array of them: a client reads an array element by element,
--- which cost it more than the script costs Redis. '%d' writes every digit (Lua's own
--- conversion keeps 14).
-return string.format(string.rep('%d ', #results), unpack(results))
+-- which cost it more than the script costs Redis.
+for i = 1, #results do results[i] = int(results[i]) end
+return table.concat(results, ' ')

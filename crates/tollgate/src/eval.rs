@@ -71,9 +71,11 @@ impl<'r> EvalCtx<'r> {
     /// The estimate a spend counter reserves: at most [`Micros::MAX_RECORDED`], the most
     /// one call can record, so that no backend sums amounts it cannot hold exactly (a
     /// Redis budget in alert mode that reserved `i64::MAX` went on to report 8 trillion
-    /// dollars left). Only a budget over that much could tell the difference.
+    /// dollars left; only a budget over that much could tell the difference), and nothing
+    /// for a negative estimate (which the memory ledger never reserved, but counted as
+    /// room: a budget near `i64::MAX` then reported less than nothing left over Redis).
     pub(crate) fn reserved_estimate(&mut self) -> Micros {
-        self.estimate().min(Micros::MAX_RECORDED)
+        self.estimate().clamp(Micros::ZERO, Micros::MAX_RECORDED)
     }
 
     /// The counter key of the current rule for these dimensions, or why the rule is skipped.
