@@ -16,9 +16,7 @@ mod random_calls;
 static CASE: AtomicU64 = AtomicU64::new(0);
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(
-        std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(64)
-    ))]
+    #![proptest_config(random_calls::cases(64))]
     #[test]
     fn random_engine_calls_over_redis_never_panic(
         calls in prop::collection::vec(random_calls::call(), 1..60),

@@ -19,6 +19,8 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use tollgate::{MemoryLedger, scenario};
 
+mod random_calls;
+
 /// Values that reach the edges of what a field accepts.
 const TRICKY: &[&str] = &[
     "",
@@ -167,9 +169,7 @@ fn apply(text: &str, edit: &Edit) -> String {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(
-        std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(300)
-    ))]
+    #![proptest_config(random_calls::cases(300))]
     #[test]
     fn an_edited_scenario_never_panics(
         which in any::<prop::sample::Index>(),
@@ -189,12 +189,8 @@ proptest! {
     }
 }
 
-mod random_calls;
-
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(
-        std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(100)
-    ))]
+    #![proptest_config(random_calls::cases(100))]
     #[test]
     fn random_engine_calls_never_panic(
         calls in prop::collection::vec(random_calls::call(), 1..60),

@@ -126,6 +126,14 @@ pub fn call() -> impl Strategy<Value = Call> {
     ]
 }
 
+/// `default` cases, or `PROPTEST_CASES` when set.
+pub fn cases(default: u32) -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok());
+    ProptestConfig::with_cases(cases.unwrap_or(default))
+}
+
 /// An engine over `ledger` on a manual clock at 2026-02-28 (the leap day and a month turn
 /// are a day away), with [`EVERY_RULE`].
 pub fn engine(ledger: Arc<dyn Ledger>) -> (Engine, Arc<ManualClock>) {
