@@ -677,6 +677,22 @@ async fn product_admission_convention() {
             .as_u16(),
         400
     );
+    // a limit past i64 is the caller's field that is too large (not a 422 about the
+    // generated policy), and changes nothing
+    for field in ["max_engines", "rate_limit_rpm"] {
+        let (status, e) = json_of(limits("acme", json!({field: u64::MAX})).await.unwrap()).await;
+        assert_eq!(status, 400, "{field}");
+        assert_eq!(e["error"]["details"][0]["field"], field);
+    }
+    let (_, policy) = json_of(
+        c.get(server.url("/v1/admin/policy"))
+            .header("X-Admin-Key", ADMIN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(policy["version"], 2, "{policy}");
 
     let provision = |id: &str| {
         c.post(server.url(&format!("/v1/products/{id}/provision")))

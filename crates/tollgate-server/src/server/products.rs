@@ -57,6 +57,19 @@ pub async fn put_policy(
             "`rate_limit_rpm` must be at least 1 (omit it for no limit)",
         ));
     }
+    // Policy numbers are i64: a larger one would come back as a 422 about a line of the
+    // generated document the caller never wrote.
+    for (field, value) in [
+        ("max_engines", limits.max_engines),
+        ("rate_limit_rpm", limits.rate_limit_rpm),
+    ] {
+        if value.is_some_and(|v| v > i64::MAX as u64) {
+            return Err(
+                ApiError::bad_request(format!("`{field}` must be at most {}", i64::MAX))
+                    .with_details(json!([{"field": field, "message": "too large"}])),
+            );
+        }
+    }
     let _guard = s.admin_lock.lock().await;
     let mut document = s.engine.policy().document().clone();
     if !document.is_object() {
