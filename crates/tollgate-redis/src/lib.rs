@@ -522,6 +522,12 @@ impl RedisLedger {
         let outcome = match reply.first().map(String::as_str) {
             Some("recorded") => RecordOutcome::Recorded,
             Some("duplicate") => return Ok((RecordOutcome::Duplicate, 0, Vec::new())),
+            Some("overflow") => {
+                return Err(LedgerError(format!(
+                    "recording {cost} USD would take a counter's recorded spend past what \
+                     Redis holds (about 9.2 trillion dollars); nothing was recorded"
+                )));
+            }
             _ => return Ok((RecordOutcome::UnknownDecision, 0, Vec::new())),
         };
         let at = reply

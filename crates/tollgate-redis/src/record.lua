@@ -5,7 +5,17 @@ if not d[1] then return {'unknown'} end
 if d[3] == '1' then return {'duplicate'} end
 local cost = tonumber(ARGV[1])
 local decision = ARGV[2]
-for _, key in ipairs(cjson.decode(d[2])) do
+local sinks = cjson.decode(d[2])
+-- Redis integers are i64, and the scripts read these sums as doubles: a cost that would
+-- take a counter's recorded spend near i64::MAX micro-dollars (9.2 trillion dollars) is
+-- refused before anything is written (a script that fails halfway keeps what it wrote).
+if cost ~= 0 then
+  for _, key in ipairs(sinks) do
+    local m = redis.call('HMGET', key .. ':m', 'esum', 'folded')
+    if (tonumber(m[1]) or 0) + (tonumber(m[2]) or 0) + cost >= 9.2e18 then return {'overflow'} end
+  end
+end
+for _, key in ipairs(sinks) do
   local amount = tonumber(redis.call('HGET', key .. ':ra', decision))
   if amount then
     redis.call('HINCRBY', key .. ':m', 'rsum', -amount)
@@ -34,7 +44,7 @@ end
 redis.call('HSET', KEYS[1], 'recorded', 1)
 -- the check's time and the counters' labels, so the store can keep what was counted
 local out = {'recorded', d[1]}
-for _, key in ipairs(cjson.decode(d[2])) do
+for _, key in ipairs(sinks) do
   table.insert(out, redis.call('HGET', key .. ':m', 'label') or '')
 end
 return out

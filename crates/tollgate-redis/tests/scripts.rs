@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use tollgate::{Engine, ManualClock, Micros, Remaining, Request};
+use tollgate::{Engine, Ledger, ManualClock, Micros, Remaining, Request};
 use tollgate_redis::RedisLedger;
 
 /// The tests here run one at a time: one of them flushes every script Redis holds.
@@ -133,5 +133,39 @@ fn a_huge_estimate_does_not_wrap_a_redis_budget() {
     assert!(
         (2 * Micros::MAX_RECORDED.0..=2 * Micros::MAX_RECORDED.0 + 8).contains(&reserved),
         "{reserved}"
+    );
+}
+
+/// A cost that would take a counter's recorded spend past what Redis holds is refused
+/// before the script writes anything: the reservation stays, and the decision can still be
+/// recorded (a script that failed halfway used to drop the reservation first).
+#[test]
+fn a_record_past_what_redis_holds_changes_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((ledger, engine, _url)) = over_redis(
+        "overflow",
+        "policies: [{name: p, rules: [
+           {id: b, type: budget, limit_usd: 10, period: total, by: [user]}]}]",
+    ) else {
+        return;
+    };
+    let decision = engine.check(&user_request(Micros(2_000_000)));
+    let id = u128::from_str_radix(&decision.decision_id.replace('-', ""), 16).unwrap();
+    let refused = ledger.record(id, Micros(i64::MAX), 0);
+    let usage = engine.usage(None).unwrap();
+    assert_eq!(
+        (usage[0].spent_usd, usage[0].reserved_usd),
+        (Micros::ZERO, Micros(2_000_000))
+    );
+    let err = refused.unwrap_err();
+    assert!(err.0.contains("nothing was recorded"), "{err}");
+    assert_eq!(
+        ledger.record(id, Micros(1_000_000), 0).unwrap(),
+        tollgate::RecordOutcome::Recorded
+    );
+    let usage = engine.usage(None).unwrap();
+    assert_eq!(
+        (usage[0].spent_usd, usage[0].reserved_usd),
+        (Micros(1_000_000), Micros::ZERO)
     );
 }
