@@ -481,8 +481,18 @@ async fn control_plane_versions_settings_and_audit() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 409);
+    // an If-Match that is no version at all is the caller's error, not a stale version
+    for bad in ["latest", "-1", "99999999999999999999999"] {
+        let r = admin(c.put(server.url("/v1/admin/policy")))
+            .header("If-Match", bad)
+            .body(new.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{bad}");
+    }
     let r = admin(c.put(server.url("/v1/admin/policy")))
-        .header("If-Match", "1")
+        .header("If-Match", "\"1\"")
         .header("X-Reason", "tighten models")
         .header("Content-Type", "application/json")
         .body(new)
@@ -642,6 +652,16 @@ async fn control_plane_versions_settings_and_audit() {
         (Some("policy.rollback"), Some("2"), Some("3"))
     );
     assert_eq!(entries[2]["actor"], "alice");
+
+    // If-Match: * accepts whatever version is current
+    let r = admin(c.put(server.url("/v1/admin/policy")))
+        .header("If-Match", "*")
+        .body("policies: []")
+        .send()
+        .await
+        .unwrap();
+    let (status, v) = json_of(r).await;
+    assert_eq!((status, v["version"].as_u64()), (200, Some(4)), "{v}");
 }
 
 #[tokio::test]

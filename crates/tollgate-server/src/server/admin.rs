@@ -111,7 +111,7 @@ pub async fn get_policy(
 
 /// `PUT /v1/admin/policy`: a new version (YAML or JSON body; `X-Reason`; `If-Match`).
 #[utoipa::path(put, path = "/v1/admin/policy",
-    responses((status = 200, description = "{version}"), (status = 409, description = "stale If-Match"), (status = 422, description = "invalid policy, with every error"), (status = 401)))]
+    responses((status = 200, description = "{version}"), (status = 409, description = "stale If-Match"), (status = 400, description = "If-Match is not a version number or *"), (status = 422, description = "invalid policy, with every error"), (status = 401)))]
 pub async fn put_policy(
     s: State,
     headers: HeaderMap,
@@ -122,18 +122,25 @@ pub async fn put_policy(
     let source = String::from_utf8(body.to_vec())
         .map_err(|_| ApiError::bad_request("the policy must be UTF-8 text"))?;
     let _guard = s.admin_lock.lock().await;
-    if let Some(expected) = headers.get(header::IF_MATCH) {
-        let expected = expected
-            .to_str()
-            .unwrap_or_default()
-            .trim()
-            .trim_matches('"');
+    if let Some(header) = headers.get(header::IF_MATCH) {
+        // A version number (quoted or not, as an ETag), or `*`: any current version.
+        let text = header.to_str().unwrap_or_default().trim().trim_matches('"');
+        let expected = match text {
+            "*" => None,
+            _ => Some(text.parse::<u64>().map_err(|_| {
+                ApiError::bad_request(format!(
+                    "If-Match is a policy version number (or *), not `{}`",
+                    String::from_utf8_lossy(header.as_bytes())
+                ))
+                .with_details(json!([{"field": "If-Match", "message": "not a version"}]))
+            })?),
+        };
         let current = s.engine.policy().version();
-        if expected != current.to_string() {
+        if expected.is_some_and(|v| v != current) {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "VERSION_CONFLICT",
-                format!("If-Match `{expected}` is stale: the current version is {current}"),
+                format!("If-Match `{text}` is stale: the current version is {current}"),
             ));
         }
     }
