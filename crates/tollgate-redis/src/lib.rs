@@ -199,7 +199,7 @@ impl Restore for RedisLedger {
             keys.push(self.counter(&key));
             labels.push(label(&key));
         }
-        let arg = json!({"decision": format!("{decision:032x}"), "at": at, "cost": cost.0, "labels": labels}).to_string();
+        let arg = json!({"decision": format!("{decision:032x}"), "at": at, "cost": cost.0.to_string(), "labels": labels}).to_string();
         self.with(|c| {
             let mut inv = self.restore.prepare_invoke();
             for k in &keys {

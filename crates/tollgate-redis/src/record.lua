@@ -28,8 +28,9 @@ for _, key in ipairs(sinks) do
   end
   if cost ~= 0 then
     redis.call('ZADD', key .. ':ev', d[1], decision)
-    redis.call('HSET', key .. ':am', decision, cost)
-    redis.call('HINCRBY', key .. ':m', 'esum', cost)
+    -- the argument's own text: a double of 10^17 or more would be written as 1e+17
+    redis.call('HSET', key .. ':am', decision, ARGV[1])
+    redis.call('HINCRBY', key .. ':m', 'esum', ARGV[1])
     -- the oldest event's time, which spares checks a range query (see apply.lua)
     local low = tonumber(redis.call('HGET', key .. ':m', 'elow'))
     if low == nil or tonumber(d[1]) < low then redis.call('HSET', key .. ':m', 'elow', d[1]) end

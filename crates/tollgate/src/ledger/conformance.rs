@@ -417,6 +417,44 @@ pub fn what_a_refused_plan_reads_stays_consistent(name: &str, l: &dyn Ledger) {
     );
 }
 
+/// Conformance check `costs_past_i64_never_reopen_a_counter`: two costs of 9·10^18
+/// micro-dollars, whose sum is past `i64::MAX`. A backend counts the second or refuses it
+/// with an error (Redis's integers are i64), but its sum never wraps round: the counter
+/// stays spent.
+pub fn costs_past_i64_never_reopen_a_counter(name: &str, l: &dyn Ledger) {
+    const COST: i64 = 9_000_000_000_000_000_000;
+    for decision in [31, 32] {
+        let r = l
+            .apply(
+                &plan(decision, 1_000, vec![spend("s", 10, 0, true)]),
+                Apply::Commit,
+            )
+            .unwrap();
+        assert!(r[0].granted, "{name}");
+    }
+    assert_eq!(
+        l.record(31, Micros(COST), 2_000).unwrap(),
+        RecordOutcome::Recorded,
+        "{name}"
+    );
+    let second = l.record(32, Micros(COST), 2_000);
+    assert!(
+        matches!(second, Ok(RecordOutcome::Recorded) | Err(_)),
+        "{name}: {second:?}"
+    );
+    let r = l
+        .apply(
+            &plan(33, 3_000, vec![spend("s", 10, 1, true)]),
+            Apply::Commit,
+        )
+        .unwrap();
+    assert!(!r[0].granted, "{name}: {:?}", r[0]);
+    assert_eq!(r[0].remaining, 0, "{name}");
+    assert!(r[0].used >= COST, "{name}: {:?}", r[0]);
+    let used = l.spend_used(&key("s"), i64::MIN, 3_000).unwrap();
+    assert!(used >= Micros(COST), "{name}: {used:?}");
+}
+
 /// Runs every check, each on a fresh ledger from `make`.
 pub fn run_all(name: &str, make: &dyn Fn() -> Box<dyn Ledger>) {
     a_refused_enforcing_operation_commits_nothing(name, &*make());
@@ -430,4 +468,5 @@ pub fn run_all(name: &str, make: &dyn Fn() -> Box<dyn Ledger>) {
     usage_lists_spend_counters_by_dimension(name, &*make());
     reservations_from_before_the_window_do_not_count(name, &*make());
     what_a_refused_plan_reads_stays_consistent(name, &*make());
+    costs_past_i64_never_reopen_a_counter(name, &*make());
 }
