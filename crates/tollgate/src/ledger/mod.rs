@@ -55,6 +55,9 @@ pub struct KeyPrefix {
     fast: u64,
 }
 
+/// The low bits of a counter id that depend on its values only (see [`KeyPrefix::new`]).
+pub const SUBJECT_MASK: u64 = 0xff;
+
 /// The hash of a request's values for a counter's `by` dimensions (see [`KeyPrefix`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ValuesHash {
@@ -106,7 +109,13 @@ impl KeyPrefix {
     /// The prefix of every counter of `policy`'s rule `rule`.
     pub fn new(policy: &str, rule: &str) -> KeyPrefix {
         let (keyed, fast) = hash_parts(0, &[policy, rule]);
-        KeyPrefix { keyed, fast }
+        // The id's low bits are then the values' own: every counter of one subject (a
+        // user's rate, budget and quota) has the same low bits, so a backend that shards
+        // by them finds all of a subject's counters behind one lock.
+        KeyPrefix {
+            keyed,
+            fast: fast & !SUBJECT_MASK,
+        }
     }
 
     /// The id of this rule's counter for `values`.
