@@ -279,7 +279,7 @@ fn redis_agrees_with_memory_across_period_turns() {
     };
     // decisions to record, with their check time: recorded within 20 minutes (a Redis
     // key's lifetime runs on Redis's clock, not on the manual one)
-    let mut allowed: Vec<(String, String, i64)> = Vec::new();
+    let mut allowed: Vec<(tollgate::DecisionId, tollgate::DecisionId, i64)> = Vec::new();
     for step in 0..600 {
         match next(6) {
             0 | 1 => {

@@ -74,8 +74,8 @@ fn a_flushed_script_is_loaded_again() {
         [
             (true, None),
             (true, None),
-            (false, Some("rpm".to_string())),
-            (false, Some("rpm".to_string())),
+            (false, Some("rpm".into())),
+            (false, Some("rpm".into())),
         ]
     );
 }

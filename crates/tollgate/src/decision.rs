@@ -2,11 +2,194 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::{Deref, Index};
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use smallvec::SmallVec;
 
 use crate::money::Micros;
 use crate::settings::EffectiveSetting;
+
+/// A policy name, rule id, guardrail or model: text kept inline up to 24 bytes, so that a
+/// decision names what it names without an allocation (or a shared reference count that
+/// two threads would both write) per name.
+pub type Name = compact_str::CompactString;
+
+/// The names a decision lists (matched policies, guardrails): the first two inline.
+pub type Names = SmallVec<[Name; 2]>;
+
+/// A decision's id: a UUID, kept as its 36 characters of text (no allocation).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DecisionId([u8; uuid::fmt::Hyphenated::LENGTH]);
+
+impl DecisionId {
+    /// The id whose 128 bits are `id`.
+    pub fn from_u128(id: u128) -> DecisionId {
+        let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        uuid::Uuid::from_u128(id)
+            .hyphenated()
+            .encode_lower(&mut text);
+        DecisionId(text)
+    }
+
+    /// The id as text, e.g. `0190f2c4-…`.
+    pub fn as_str(&self) -> &str {
+        // Always ASCII: `encode_lower` wrote it.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl Deref for DecisionId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for DecisionId {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl fmt::Display for DecisionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for DecisionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::str::FromStr for DecisionId {
+    type Err = uuid::Error;
+    /// Any UUID text; kept in its hyphenated lower-case form.
+    fn from_str(text: &str) -> Result<DecisionId, uuid::Error> {
+        uuid::Uuid::parse_str(text).map(|u| DecisionId::from_u128(u.as_u128()))
+    }
+}
+
+impl PartialEq<str> for DecisionId {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for DecisionId {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl PartialEq<String> for DecisionId {
+    fn eq(&self, other: &String) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl From<DecisionId> for String {
+    fn from(id: DecisionId) -> String {
+        id.as_str().to_string()
+    }
+}
+
+impl Serialize for DecisionId {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for DecisionId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<DecisionId, D::Error> {
+        let text = std::borrow::Cow::<'de, str>::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What is left on each stateful rule that applied, by rule id (a map in JSON, in rule
+/// id order). The first four are kept inline: a decision builds it without allocating.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RemainingByRule(SmallVec<[(Name, Remaining); 4]>);
+
+impl RemainingByRule {
+    /// What is left on `rule`, if it applied.
+    pub fn get(&self, rule: &str) -> Option<&Remaining> {
+        let i = self
+            .0
+            .binary_search_by(|(r, _)| r.as_str().cmp(rule))
+            .ok()?;
+        Some(&self.0[i].1)
+    }
+
+    /// How many rules are listed.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether no rule is listed.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The rules and what is left on each, in rule id order.
+    pub fn iter(&self) -> std::slice::Iter<'_, (Name, Remaining)> {
+        self.0.iter()
+    }
+
+    /// Lists `rule` unless it is listed already (the first rule of an id reports).
+    pub(crate) fn insert_first(&mut self, rule: &Name, remaining: Remaining) {
+        if let Err(i) = self.0.binary_search_by(|(r, _)| r.as_str().cmp(rule)) {
+            self.0.insert(i, (rule.clone(), remaining));
+        }
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+impl Index<&str> for RemainingByRule {
+    type Output = Remaining;
+    fn index(&self, rule: &str) -> &Remaining {
+        self.get(rule)
+            .unwrap_or_else(|| panic!("no remaining amount for rule `{rule}`"))
+    }
+}
+
+impl<'a> IntoIterator for &'a RemainingByRule {
+    type Item = &'a (Name, Remaining);
+    type IntoIter = std::slice::Iter<'a, (Name, Remaining)>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl FromIterator<(Name, Remaining)> for RemainingByRule {
+    fn from_iter<I: IntoIterator<Item = (Name, Remaining)>>(items: I) -> Self {
+        let mut map = RemainingByRule::default();
+        for (rule, remaining) in items {
+            map.insert_first(&rule, remaining);
+        }
+        map
+    }
+}
+
+impl Serialize for RemainingByRule {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+    }
+}
+
+impl<'de> Deserialize<'de> for RemainingByRule {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(BTreeMap::<Name, Remaining>::deserialize(deserializer)?
+            .into_iter()
+            .collect())
+    }
+}
 
 /// The outcome code (and, through [`Code::http_status`], the HTTP status).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -111,17 +294,17 @@ pub struct Decision {
     /// Why it was refused (or null).
     pub reason: Option<String>,
     /// The policy defining the deciding rule.
-    pub policy: Option<String>,
+    pub policy: Option<Name>,
     /// The deciding rule.
-    pub rule: Option<String>,
+    pub rule: Option<Name>,
     /// The policy version the decision was made on.
     pub policy_version: u64,
     /// Policies whose own `match` held, in document order.
-    pub matched_policies: Vec<String>,
+    pub matched_policies: Names,
     /// The model to use (after downgrades); null when the request named none.
-    pub model: Option<String>,
+    pub model: Option<Name>,
     /// Guardrails to apply, sorted.
-    pub guardrails: Vec<String>,
+    pub guardrails: Names,
     /// Settings that differ from their defaults for this subject (every setting, in a run).
     pub settings: BTreeMap<String, EffectiveSetting>,
     /// Would-be denials reported without blocking.
@@ -129,9 +312,9 @@ pub struct Decision {
     /// When to retry (rate limits).
     pub retry_after_ms: Option<u64>,
     /// The id to `record` actual usage against.
-    pub decision_id: String,
+    pub decision_id: DecisionId,
     /// What is left on each stateful rule that applied, by rule id.
-    pub remaining: BTreeMap<std::sync::Arc<str>, Remaining>,
+    pub remaining: RemainingByRule,
     /// The explanation (empty unless asked for).
     pub trace: Vec<TraceEntry>,
     /// The lease granted by an `acquire`.

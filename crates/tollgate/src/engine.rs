@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
 use crate::clock::{Clock, SystemClock};
-use crate::decision::{Code, Decision};
+use crate::decision::{Code, Decision, DecisionId, Name, Names, RemainingByRule};
 use crate::duration::Millis;
 use crate::eval::{self, CheckOptions, DecisionSettings, Inputs};
 use crate::ledger::{Ledger, LedgerError, MemoryLedger, RecordOutcome};
@@ -362,14 +362,14 @@ impl Engine {
             policy: None,
             rule: None,
             policy_version: set.version,
-            matched_policies: Vec::new(),
-            model: request.model.clone(),
-            guardrails: Vec::new(),
+            matched_policies: Names::new(),
+            model: request.model.as_deref().map(Name::from),
+            guardrails: Names::new(),
             settings: BTreeMap::new(),
             alerts: Vec::new(),
             retry_after_ms: None,
-            decision_id: uuid::Uuid::from_u128(decision_id).to_string(),
-            remaining: BTreeMap::new(),
+            decision_id: DecisionId::from_u128(decision_id),
+            remaining: RemainingByRule::default(),
             trace: Vec::new(),
             lease_id: None,
         }

@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 
 use smallvec::SmallVec;
 
-use crate::decision::{Alert, Code, Decision, Remaining, TraceEntry};
+use crate::decision::{
+    Alert, Code, Decision, DecisionId, Name, Names, Remaining, RemainingByRule, TraceEntry,
+};
 use crate::expr::{self, Expr};
 use crate::ledger::{
     Apply, CounterKey, KeyValues, Ledger, LedgerError, NewLease, Op, OpKind, OpResult, Plan,
@@ -217,11 +219,7 @@ pub(crate) fn decide(
             all
         }
     };
-    let guardrails: Vec<String> = set
-        .guardrails(&matched)
-        .into_iter()
-        .map(str::to_string)
-        .collect();
+    let guardrails = set.guardrail_names(&matched);
 
     let mut ctx = EvalCtx {
         request,
@@ -311,7 +309,7 @@ pub(crate) fn decide(
             }
         }
     }
-    let final_walk_model = ctx.model.map(str::to_string);
+    let final_walk_model = ctx.model.map(Name::from);
     for n in ctx.notes.drain(..) {
         note(None, None, "note", &|| n.clone());
     }
@@ -386,8 +384,8 @@ pub(crate) fn decide(
         settings,
         alerts: Vec::new(),
         retry_after_ms: None,
-        decision_id: id_text(inputs.decision_id),
-        remaining: BTreeMap::new(),
+        decision_id: DecisionId::from_u128(inputs.decision_id),
+        remaining: RemainingByRule::default(),
         trace: Vec::new(),
         lease_id: None,
     };
@@ -407,7 +405,7 @@ pub(crate) fn decide(
                 OpKind::Forecast { .. } => None,
             };
             if let Some(r) = remaining {
-                decision.remaining.entry(rule.id.clone()).or_insert(r);
+                decision.remaining.insert_first(&rule.id, r);
             }
             if !result.granted && decision.allowed && op.enforcing {
                 decision.retry_after_ms = result.retry_after_ms;
@@ -431,7 +429,7 @@ pub(crate) fn decide(
                     decision.code = *code;
                     decision.reason = Some(reason.clone());
                     decision.policy = Some(rule.policy.clone());
-                    decision.rule = Some(rule.id.to_string());
+                    decision.rule = Some(rule.id.clone());
                 }
             }
             (Verdict::Deny { reason, .. } | Verdict::Alert { reason }, Mode::Alert) => {
@@ -454,7 +452,7 @@ pub(crate) fn decide(
                     // A budget's downgrade also reports the exceeded budget.
                     decision.alerts.push(alert(rule, reason));
                     if last_walk_downgrade.is_none_or(|last| i > last) {
-                        decision.model = Some((*to).to_string());
+                        decision.model = Some(Name::from(*to));
                     }
                 }
             }
@@ -486,7 +484,7 @@ pub(crate) fn decide(
     } else {
         decision.retry_after_ms = None;
         if plan.lease.is_some() {
-            decision.lease_id = Some(id_text(inputs.lease_id));
+            decision.lease_id = Some(DecisionId::from_u128(inputs.lease_id).to_string());
         }
     }
     decision.trace = trace;
@@ -512,31 +510,22 @@ fn backend_failed(set: &PolicySet, plan: &Plan<'_>, error: &LedgerError, decisio
         } else if decision.allowed {
             decision.allowed = false;
             decision.code = Code::PolicyDenied;
-            decision.policy = Some(op.key.policy.to_string());
-            decision.rule = Some(op.key.rule.to_string());
+            decision.policy = Some(op.key.policy.into());
+            decision.rule = Some(op.key.rule.into());
             decision.reason = Some(format!("{error}: denied (on_backend_error: deny)"));
         }
     }
 }
 
-/// An id as a hyphenated UUID, without the formatting machinery.
-pub(crate) fn id_text(id: u128) -> String {
-    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    uuid::Uuid::from_u128(id)
-        .hyphenated()
-        .encode_lower(&mut buf)
-        .to_owned()
-}
-
 fn alert(rule: &Rule, reason: &str) -> Alert {
     Alert {
-        policy: rule.policy.clone(),
+        policy: rule.policy.to_string(),
         rule: rule.id.to_string(),
         reason: reason.to_string(),
     }
 }
 
-fn names(set: &PolicySet, matched: &[u32]) -> Vec<String> {
+fn names(set: &PolicySet, matched: &[u32]) -> Names {
     matched
         .iter()
         .map(|&m| set.policies[m as usize].name.clone())

@@ -58,7 +58,9 @@ pub mod settings;
 pub mod yaml;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use decision::{Alert, Code, Decision, Remaining, TraceEntry};
+pub use decision::{
+    Alert, Code, Decision, DecisionId, Name, Names, Remaining, RemainingByRule, TraceEntry,
+};
 pub use engine::{Engine, EngineBuilder, EngineError, RunInfo, RunSpec, UsageItem, rfc3339};
 pub use ledger::{Ledger, MemoryLedger, RecordOutcome};
 pub use money::Micros;

@@ -302,7 +302,7 @@ impl Runner {
                     self.engine.check(&request)
                 };
                 if decision.allowed {
-                    self.last_allowed = Some(decision.decision_id.clone());
+                    self.last_allowed = Some(decision.decision_id.to_string());
                     if let Some(l) = &decision.lease_id {
                         self.leases.push(l.clone());
                     }

@@ -174,7 +174,7 @@ fn runs_freeze_the_policy_version() {
 fn decision_ids_are_unique_and_record_refuses_garbage() {
     let engine = Engine::builder().build_from_text("policies: []").unwrap();
     let mut ids: Vec<String> = (0..1000)
-        .map(|_| engine.check(&Request::default()).decision_id)
+        .map(|_| engine.check(&Request::default()).decision_id.to_string())
         .collect();
     ids.sort();
     ids.dedup();

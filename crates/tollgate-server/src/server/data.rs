@@ -104,7 +104,7 @@ pub fn observe(decision: &Decision, started: Instant, endpoint: &'static str) {
 }
 
 fn decisions_total(decision: &Decision, endpoint: &'static str) -> metrics::Counter {
-    let rule = decision.rule.clone().unwrap_or_default();
+    let rule = decision.rule.as_deref().unwrap_or_default().to_string();
     metrics::counter!("tollgate_decisions_total", "code" => decision.code.as_str(), "rule" => rule, "endpoint" => endpoint)
 }
 

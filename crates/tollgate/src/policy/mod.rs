@@ -44,7 +44,7 @@ impl Price {
 
 /// One compiled policy.
 pub(crate) struct Policy {
-    pub name: String,
+    pub name: crate::decision::Name,
     /// Ancestors (depth-first, parents left to right, each once), then itself.
     pub chain: Vec<u32>,
     pub rules: Vec<Rule>,
@@ -52,7 +52,7 @@ pub(crate) struct Policy {
     /// room for that many).
     pub stateful_rules: usize,
     /// The guardrails this policy yields when it matches (its chain folded).
-    pub guardrails: Vec<String>,
+    pub guardrails: Vec<crate::decision::Name>,
     pub settings: Vec<(String, Json)>,
     /// Whether a call goes ahead when the ledger cannot be reached.
     pub allow_on_backend_error: bool,
@@ -175,12 +175,29 @@ impl PolicySet {
                 self.policies[m as usize]
                     .guardrails
                     .iter()
-                    .map(String::as_str)
+                    .map(|g| g.as_str())
             })
             .collect();
         out.sort_unstable();
         out.dedup();
         out
+    }
+
+    /// [`PolicySet::guardrails`] as a decision lists them: no allocation for a policy
+    /// that matches alone with up to two guardrails.
+    pub(crate) fn guardrail_names(&self, matched: &[u32]) -> crate::decision::Names {
+        match matched {
+            [only] => self.policies[*only as usize]
+                .guardrails
+                .iter()
+                .cloned()
+                .collect(),
+            _ => self
+                .guardrails(matched)
+                .into_iter()
+                .map(crate::decision::Name::from)
+                .collect(),
+        }
     }
 
     /// Whether the policy named `policy` lets calls through when the ledger fails
@@ -422,7 +439,7 @@ fn compile_node(root: &Node, custom: &Registry) -> Result<PolicySet, PolicyError
     let mut policies: Vec<Policy> = raw
         .into_iter()
         .map(|p| Policy {
-            name: p.name.map(|(n, _)| n).unwrap_or_default(),
+            name: p.name.map(|(n, _)| n).unwrap_or_default().into(),
             chain: Vec::new(),
             stateful_rules: p.rules.iter().filter(|r| r.is_stateful()).count(),
             rules: p.rules,
@@ -445,7 +462,7 @@ fn compile_node(root: &Node, custom: &Registry) -> Result<PolicySet, PolicyError
             set.retain(|g| !m.remove.contains(g));
         }
         set.sort();
-        policies[i].guardrails = set;
+        policies[i].guardrails = set.into_iter().map(Into::into).collect();
         policies[i].chain = chain;
     }
     Ok(PolicySet {

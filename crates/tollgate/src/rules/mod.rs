@@ -41,9 +41,9 @@ pub(crate) enum Mode {
 
 /// A compiled rule.
 pub(crate) struct Rule {
-    pub id: std::sync::Arc<str>,
+    pub id: crate::decision::Name,
     /// The policy that defines it.
-    pub policy: String,
+    pub policy: crate::decision::Name,
     pub when: Option<Expr>,
     pub mode: Mode,
     pub kind: RuleKind,
@@ -62,7 +62,7 @@ impl Rule {
         Rule {
             key_prefix: crate::ledger::KeyPrefix::new(&policy, &id),
             id: id.into(),
-            policy,
+            policy: policy.into(),
             when,
             mode,
             kind,

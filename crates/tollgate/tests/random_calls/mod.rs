@@ -201,7 +201,7 @@ pub fn run(engine: &Engine, clock: &ManualClock, calls: Vec<Call>) -> Result<(),
             if let Some(lease) = d.lease_id.clone() {
                 leases.push(lease);
             }
-            decisions.push(d.decision_id.clone());
+            decisions.push(d.decision_id.to_string());
         }
     }
     let _ = engine.usage(None);
