@@ -11,9 +11,10 @@ mod cli;
 mod server;
 
 // A decision allocates a few dozen small objects on whichever worker thread serves it;
-// mimalloc's per-thread heaps keep that cheap under concurrency.
+// mimalloc's per-thread heaps keep that cheap under concurrency (see tollgate-alloc for
+// how it is asked).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tollgate_alloc::Mimalloc = tollgate_alloc::Mimalloc;
 
 #[derive(Parser)]
 #[command(

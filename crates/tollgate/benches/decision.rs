@@ -22,7 +22,7 @@ mod common;
 
 // The same allocator as the `tollgate` server binary, so the figures match what it serves.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tollgate_alloc::Mimalloc = tollgate_alloc::Mimalloc;
 
 const USERS: usize = 100_000;
 const STATEFUL: u32 = 4;
