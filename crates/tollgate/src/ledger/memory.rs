@@ -226,6 +226,24 @@ struct Counter {
     idle_at: i64,
 }
 
+impl Counter {
+    /// Reads a word from each part of the counter an operation will read (the entry's
+    /// lines and the front of its reservation queue), so that a plan's cache misses are
+    /// all under way before the first operation needs its counter.
+    fn touch(&self) -> i64 {
+        let state = match &self.state {
+            State::Bucket { last, .. } => *last,
+            State::Spend(spend) => {
+                spend.before_start
+                    ^ spend.reservations.front().map_or(0, |r| r.expires)
+                    ^ spend.events.front().map_or(0, |e| e.0)
+            }
+            _ => 0,
+        };
+        self.idle_at ^ state
+    }
+}
+
 #[derive(Default)]
 struct Shard {
     counters: FxHashMap<u128, Counter>,
@@ -877,17 +895,21 @@ impl Ledger for MemoryLedger {
         let mut lease_table = needs_leases.then(|| self.leases.lock());
         let mut guards = self.lock_shards(plan.ops.iter().map(|o| o.key.id));
 
-        // Find every counter before evaluating any: the lookups do not depend on each
-        // other, so their cache misses overlap instead of following one another (a
-        // single lookup has nothing to overlap with). Only their effect on the cache is
-        // wanted; `black_box` keeps them from being dropped.
+        // Find every counter, and read each part of it an operation will read, before
+        // evaluating any: the reads do not depend on each other, so their cache misses
+        // overlap instead of following one another (a single lookup has nothing to
+        // overlap with). Only their effect on the cache is wanted; `black_box` keeps them
+        // from being dropped. Reading the whole counter, not only its key: `rule_costs`
+        // 10 rules ≈ 1.76 → 1.54 µs a check.
         if plan.ops.len() > 1 {
-            let mut found = 0usize;
+            let mut seen = 0i64;
             for op in &plan.ops {
                 let shard = guard(&mut guards, op.key.id);
-                found += usize::from(shard.counters.contains_key(&op.key.id));
+                if let Some(counter) = shard.counters.get(&op.key.id) {
+                    seen ^= counter.touch();
+                }
             }
-            std::hint::black_box(found);
+            std::hint::black_box(seen);
         }
         let mut results = Vec::with_capacity(plan.ops.len());
         let mut effects: SmallVec<[Effect; 8]> = SmallVec::new();
