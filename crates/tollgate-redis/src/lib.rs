@@ -26,8 +26,8 @@ use serde_json::{Value, json};
 
 use tollgate::Micros;
 use tollgate::ledger::{
-    Algorithm, Apply, CounterKey, Ledger, LedgerError, OpKind, OpResult, Plan, RecordOutcome,
-    Restore, SpendSink, SpendUsage,
+    Algorithm, Apply, CounterKey, Ledger, LedgerError, OpKind, OpResult, OpResults, Plan,
+    RecordOutcome, Restore, SpendSink, SpendUsage,
 };
 use tollgate::request::{Dimension, Subject};
 
@@ -248,7 +248,7 @@ impl Restore for RedisLedger {
 }
 
 impl Ledger for RedisLedger {
-    fn apply(&self, plan: &Plan<'_>, mode: Apply) -> Result<Vec<OpResult>, LedgerError> {
+    fn apply(&self, plan: &Plan<'_>, mode: Apply) -> Result<OpResults, LedgerError> {
         // The plan travels as flat arguments (see apply.lua), written straight into one
         // command buffer — numbers as they are, no string per argument, no JSON to decode
         // in the script, which runs on Redis's one thread.

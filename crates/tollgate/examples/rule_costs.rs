@@ -41,21 +41,21 @@ unsafe impl GlobalAlloc for Counting {
 static GLOBAL: Counting = Counting;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
-use tollgate::ledger::{Apply, CounterKey, LedgerError, OpResult, Plan, SpendUsage};
+use tollgate::ledger::{Apply, CounterKey, LedgerError, OpResult, OpResults, Plan, SpendUsage};
 use tollgate::{Engine, Ledger, ManualClock, Micros, RecordOutcome};
 
 /// Grants every operation and keeps nothing: what a decision costs apart from its state.
 struct NullLedger;
 
 impl Ledger for NullLedger {
-    fn apply(&self, plan: &Plan<'_>, _: Apply) -> Result<Vec<OpResult>, LedgerError> {
+    fn apply(&self, plan: &Plan<'_>, _: Apply) -> Result<OpResults, LedgerError> {
         let granted = OpResult {
             granted: true,
             used: 0,
             remaining: 1,
             retry_after_ms: None,
         };
-        Ok(vec![granted; plan.ops.len()])
+        Ok(std::iter::repeat_n(granted, plan.ops.len()).collect())
     }
     fn spend_used(&self, _: &CounterKey<'_>, _: i64, _: i64) -> Result<Micros, LedgerError> {
         Ok(Micros(0))

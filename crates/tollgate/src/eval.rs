@@ -10,8 +10,8 @@ use crate::decision::{
 };
 use crate::expr::{self, Expr};
 use crate::ledger::{
-    Apply, CounterKey, KeyValues, Ledger, LedgerError, NewLease, Op, OpKind, OpResult, Plan,
-    ValuesHash,
+    Apply, CounterKey, KeyValues, Ledger, LedgerError, NewLease, OpKind, OpResult, OpResults, Ops,
+    Plan, ValuesHash,
 };
 use crate::money::Micros;
 use crate::policy::PolicySet;
@@ -244,7 +244,7 @@ pub(crate) fn decide(
     }
     let mut entries: SmallVec<[Entry<'_>; 16]> = SmallVec::with_capacity(rule_count);
     // An operation is large (its key and kind): room for the stateful rules only.
-    let mut ops: Vec<Op<'_>> = Vec::with_capacity(stateful);
+    let mut ops = Ops::with_capacity(stateful);
     let mut stateless_denial = false;
     let rules = order
         .iter()
@@ -334,8 +334,8 @@ pub(crate) fn decide(
     // A ledger that cannot be reached answers nothing: the operations are judged as
     // granted here, and `on_backend_error` of the policies that asked decides below.
     let mut backend_error: Option<LedgerError> = None;
-    let results: Vec<OpResult> = if plan.ops.is_empty() && plan.lease.is_none() {
-        Vec::new()
+    let results: OpResults = if plan.ops.is_empty() && plan.lease.is_none() {
+        OpResults::new()
     } else {
         match inputs.ledger.apply(&plan, mode) {
             Ok(r) => r,
@@ -347,7 +347,7 @@ pub(crate) fn decide(
                     remaining: 0,
                     retry_after_ms: None,
                 };
-                vec![unknown; plan.ops.len()]
+                smallvec::smallvec![unknown; plan.ops.len()]
             }
         }
     };

@@ -221,7 +221,7 @@ impl tollgate::Ledger for Down {
         &self,
         _: &tollgate::ledger::Plan<'_>,
         _: tollgate::ledger::Apply,
-    ) -> Result<Vec<tollgate::ledger::OpResult>, tollgate::ledger::LedgerError> {
+    ) -> Result<tollgate::ledger::OpResults, tollgate::ledger::LedgerError> {
         Err(tollgate::ledger::LedgerError("connection refused".into()))
     }
     fn spend_used(

@@ -59,7 +59,7 @@ fn plan(decision: u128, now: i64, ops: Vec<Op<'static>>) -> Plan<'static> {
         decision,
         now,
         reservation_ttl_ms: TTL,
-        ops,
+        ops: ops.into(),
         lease: None,
     }
 }
@@ -217,7 +217,7 @@ pub fn leases_count_until_released_or_lapsed(name: &str, l: &dyn Ledger) {
             decision: id,
             now,
             reservation_ttl_ms: TTL,
-            ops: vec![op],
+            ops: smallvec::smallvec![op],
             lease: Some(NewLease {
                 id,
                 resource: "engines",
@@ -246,7 +246,7 @@ pub fn a_lease_beside_only_a_rate_operation_is_kept(name: &str, l: &dyn Ledger) 
             decision,
             now,
             reservation_ttl_ms: TTL,
-            ops: vec![op],
+            ops: smallvec::smallvec![op],
             lease: Some(NewLease {
                 id: decision,
                 resource: "engines",

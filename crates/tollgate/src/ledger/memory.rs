@@ -17,8 +17,8 @@ use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
 
 use super::{
-    Algorithm, Apply, CounterKey, Ledger, LedgerError, Op, OpKind, OpResult, Plan, RecordOutcome,
-    Restore, SpendUsage,
+    Algorithm, Apply, CounterKey, Ledger, LedgerError, Op, OpKind, OpResult, OpResults, Plan,
+    RecordOutcome, Restore, SpendUsage,
 };
 use crate::money::Micros;
 use crate::request::{Dimension, Subject};
@@ -902,7 +902,7 @@ impl Restore for MemoryLedger {
 }
 
 impl Ledger for MemoryLedger {
-    fn apply(&self, plan: &Plan<'_>, mode: Apply) -> Result<Vec<OpResult>, LedgerError> {
+    fn apply(&self, plan: &Plan<'_>, mode: Apply) -> Result<OpResults, LedgerError> {
         let now = plan.now;
         let needs_leases = plan.lease.is_some()
             || plan
@@ -928,7 +928,7 @@ impl Ledger for MemoryLedger {
             }
             std::hint::black_box(seen);
         }
-        let mut results = Vec::with_capacity(plan.ops.len());
+        let mut results = OpResults::with_capacity(plan.ops.len());
         let mut effects: SmallVec<[Effect; 8]> = SmallVec::new();
         let mut seeded: Vec<(u128, Vec<u128>)> = Vec::new();
         for op in &plan.ops {

@@ -273,6 +273,12 @@ pub struct NewLease<'a> {
     pub expires_at: Option<i64>,
 }
 
+/// A plan's operations: up to four inline (a decision builds its plan without allocating).
+pub type Ops<'a> = SmallVec<[Op<'a>; 4]>;
+
+/// The answers to a plan's operations, in their order: up to four inline.
+pub type OpResults = SmallVec<[OpResult; 4]>;
+
 /// Everything one decision asks of the ledger.
 #[derive(Clone, Debug)]
 pub struct Plan<'a> {
@@ -283,7 +289,7 @@ pub struct Plan<'a> {
     /// How long reservations live.
     pub reservation_ttl_ms: i64,
     /// The operations, in rule order.
-    pub ops: Vec<Op<'a>>,
+    pub ops: Ops<'a>,
     /// A lease to create, for `acquire`.
     pub lease: Option<NewLease<'a>>,
 }
@@ -370,7 +376,7 @@ pub trait Restore {
 /// The state side of tollgate.
 pub trait Ledger: Send + Sync {
     /// Answers every operation of the plan; commits all of them or none (see [`Apply`]).
-    fn apply(&self, plan: &Plan<'_>, mode: Apply) -> Result<Vec<OpResult>, LedgerError>;
+    fn apply(&self, plan: &Plan<'_>, mode: Apply) -> Result<OpResults, LedgerError>;
 
     /// Recorded spend plus live reservations of one counter since `window_start`.
     fn spend_used(
