@@ -228,7 +228,7 @@ struct Counter {
 
 impl Counter {
     /// Reads a word from each part of the counter an operation will read (the entry's
-    /// lines and the front of its reservation queue), so that a plan's cache misses are
+    /// lines and both ends of its queues), so that a plan's cache misses are
     /// all under way before the first operation needs its counter.
     fn touch(&self) -> i64 {
         let state = match &self.state {
@@ -236,8 +236,10 @@ impl Counter {
             State::Spend(spend) => {
                 spend.before_start
                     ^ spend.reservations.front().map_or(0, |r| r.expires)
+                    ^ spend.reservations.back().map_or(0, |r| r.at)
                     ^ spend.events.front().map_or(0, |e| e.0)
             }
+            State::Sliding(stamps) => stamps.front().map_or(0, |t| *t),
             _ => 0,
         };
         self.idle_at ^ state
