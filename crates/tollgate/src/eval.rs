@@ -236,15 +236,14 @@ pub(crate) fn decide(
         last_values: None,
     };
 
-    let (mut rule_count, mut stateful) = (inputs.run_rules.len(), inputs.run_rules.len());
+    let mut rule_count = inputs.run_rules.len();
     for &p in &order {
-        let policy = &set.policies[p as usize];
-        rule_count += policy.rules.len();
-        stateful += policy.stateful_rules;
+        rule_count += set.policies[p as usize].rules.len();
     }
     let mut entries: SmallVec<[Entry<'_>; 16]> = SmallVec::with_capacity(rule_count);
-    // An operation is large (its key and kind): room for the stateful rules only.
-    let mut ops = Ops::with_capacity(stateful);
+    // Up to four operations inline; a rule that may plan one does not always (a quota
+    // plans only for `acquire`), so no room is reserved ahead.
+    let mut ops = Ops::new();
     let mut stateless_denial = false;
     let rules = order
         .iter()

@@ -48,9 +48,6 @@ pub(crate) struct Policy {
     /// Ancestors (depth-first, parents left to right, each once), then itself.
     pub chain: Vec<u32>,
     pub rules: Vec<Rule>,
-    /// How many of `rules` may ask the ledger for an operation (a decision reserves
-    /// room for that many).
-    pub stateful_rules: usize,
     /// The guardrails this policy yields when it matches (its chain folded).
     pub guardrails: Vec<crate::decision::Name>,
     pub settings: Vec<(String, Json)>,
@@ -441,7 +438,6 @@ fn compile_node(root: &Node, custom: &Registry) -> Result<PolicySet, PolicyError
         .map(|p| Policy {
             name: p.name.map(|(n, _)| n).unwrap_or_default().into(),
             chain: Vec::new(),
-            stateful_rules: p.rules.iter().filter(|r| r.is_stateful()).count(),
             rules: p.rules,
             guardrails: Vec::new(),
             settings: p.settings.into_iter().map(|(k, v, _)| (k, v)).collect(),

@@ -109,18 +109,6 @@ pub(crate) enum Step<'r> {
 
 impl Rule {
     /// The rule's own step: a verdict, or an operation for the ledger.
-    /// Whether the rule may ask the ledger for an operation.
-    pub(crate) fn is_stateful(&self) -> bool {
-        matches!(
-            self.kind,
-            RuleKind::Rate(_)
-                | RuleKind::CostVelocity(_)
-                | RuleKind::Budget(_)
-                | RuleKind::Forecast(_)
-                | RuleKind::Quota(_)
-        )
-    }
-
     pub(crate) fn step<'r>(&'r self, ctx: &mut EvalCtx<'r>) -> Step<'r> {
         match &self.kind {
             RuleKind::Rate(r) => r.plan(ctx),
