@@ -151,6 +151,9 @@ impl RemainingByRule {
     }
 }
 
+/// # Panics
+///
+/// When `rule` is not listed, as a `BTreeMap` index does.
 impl Index<&str> for RemainingByRule {
     type Output = Remaining;
     fn index(&self, rule: &str) -> &Remaining {
@@ -320,4 +323,58 @@ pub struct Decision {
     /// The lease granted by an `acquire`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_id: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remaining_by_rule_is_a_sorted_map_that_keeps_the_first_value() {
+        let mut map = RemainingByRule::default();
+        map.insert_first(&Name::from("velocity"), Remaining::Usd(Micros(5)));
+        map.insert_first(&Name::from("rpm"), Remaining::Count(9));
+        map.insert_first(&Name::from("monthly"), Remaining::Usd(Micros(7)));
+        // A second rule of the same id does not replace the first one's figure.
+        map.insert_first(&Name::from("rpm"), Remaining::Count(1));
+        let names: Vec<&str> = map.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["monthly", "rpm", "velocity"]);
+        assert_eq!(map.get("rpm"), Some(&Remaining::Count(9)));
+        assert_eq!(map["monthly"], Remaining::Usd(Micros(7)));
+        assert_eq!(map.get("nope"), None);
+        assert_eq!(map.len(), 3);
+
+        // The JSON is the map's, in the same order as a BTreeMap's.
+        let reference: BTreeMap<&str, &Remaining> =
+            map.iter().map(|(n, r)| (n.as_str(), r)).collect();
+        let json = serde_json::to_string(&map).unwrap();
+        assert_eq!(json, serde_json::to_string(&reference).unwrap());
+        assert_eq!(
+            json,
+            r#"{"monthly":"0.000007","rpm":9,"velocity":"0.000005"}"#
+        );
+        let back: RemainingByRule = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, map);
+    }
+
+    #[test]
+    fn decision_ids_are_uuid_text_inline() {
+        let raw = 0x0190_f2c4_1234_7abc_8def_0123_4567_89ab_u128;
+        let id = DecisionId::from_u128(raw);
+        let expected = uuid::Uuid::from_u128(raw).hyphenated().to_string();
+        assert_eq!(id.as_str(), expected);
+        assert_eq!(id, expected.as_str());
+        assert_eq!(id.to_string(), expected);
+        // Any UUID text parses, kept in its hyphenated lower-case form.
+        let simple = uuid::Uuid::from_u128(raw)
+            .simple()
+            .to_string()
+            .to_uppercase();
+        assert_eq!(simple.parse::<DecisionId>().unwrap(), id);
+        assert!("not-a-uuid".parse::<DecisionId>().is_err());
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(json, format!("\"{expected}\""));
+        assert_eq!(serde_json::from_str::<DecisionId>(&json).unwrap(), id);
+        assert!(serde_json::from_str::<DecisionId>("\"x\"").is_err());
+    }
 }
