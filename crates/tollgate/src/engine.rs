@@ -482,7 +482,7 @@ impl Engine {
     pub fn record(&self, decision_id: &str, cost: Micros) -> Result<RecordOutcome, EngineError> {
         let id = uuid::Uuid::parse_str(decision_id)
             .map_err(|_| EngineError::BadDecisionId(decision_id.to_string()))?;
-        if !(0..=Micros::MAX_RECORDED.0).contains(&cost.0) {
+        if cost.unrecordable().is_some() {
             return Err(EngineError::CostOutOfRange(cost));
         }
         Ok(self

@@ -101,6 +101,19 @@ impl Micros {
     /// then refused halfway through the record).
     pub const MAX_RECORDED: Micros = Micros((1 << 53) - 1);
 
+    /// Why a `record` cannot take this cost, if it cannot: `negative` (spend only grows)
+    /// or `too large` (over [`Micros::MAX_RECORDED`]). The library and the HTTP API refuse
+    /// the same costs.
+    pub fn unrecordable(self) -> Option<&'static str> {
+        if self.0 < 0 {
+            Some("negative")
+        } else if self > Micros::MAX_RECORDED {
+            Some("too large")
+        } else {
+            None
+        }
+    }
+
     /// Saturating addition.
     pub fn saturating_add(self, other: Micros) -> Micros {
         Micros(self.0.saturating_add(other.0))
@@ -209,6 +222,17 @@ pub(crate) fn div_ceil_i128(numerator: i128, denominator: i128) -> i128 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recordable_costs_run_from_zero_to_the_largest_exact_amount() {
+        assert_eq!(Micros(-1).unrecordable(), Some("negative"));
+        assert_eq!(Micros::ZERO.unrecordable(), None);
+        assert_eq!(Micros::MAX_RECORDED.unrecordable(), None);
+        assert_eq!(
+            Micros(Micros::MAX_RECORDED.0 + 1).unrecordable(),
+            Some("too large")
+        );
+    }
 
     #[test]
     fn parses_decimals_exactly() {

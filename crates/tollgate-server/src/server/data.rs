@@ -184,16 +184,12 @@ pub async fn record(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body: RecordBody = parse_json(&body.map_err(body_rejection)?)?;
-    if body.cost_usd.0 < 0 {
-        return Err(ApiError::bad_request("`cost_usd` must not be negative")
-            .with_details(json!([{"field": "cost_usd", "message": "negative"}])));
-    }
-    if body.cost_usd > Micros::MAX_RECORDED {
+    if let Some(why) = body.cost_usd.unrecordable() {
         return Err(ApiError::bad_request(format!(
-            "`cost_usd` must be at most {}",
+            "`cost_usd` must be between 0 and {}",
             Micros::MAX_RECORDED
         ))
-        .with_details(json!([{"field": "cost_usd", "message": "too large"}])));
+        .with_details(json!([{"field": "cost_usd", "message": why}])));
     }
     let id = uuid::Uuid::parse_str(&body.decision_id).map_err(|_| {
         ApiError::bad_request(format!("`{}` is not a decision id", body.decision_id))
