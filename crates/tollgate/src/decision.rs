@@ -32,6 +32,11 @@ impl DecisionId {
         DecisionId(text)
     }
 
+    /// The id's text as bytes (ASCII), without checking them as UTF-8 again.
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     /// The id as text, e.g. `0190f2c4-…`.
     pub fn as_str(&self) -> &str {
         // Always ASCII: `encode_lower` wrote it.

@@ -43,6 +43,7 @@
 
 pub mod clock;
 pub mod decision;
+mod decision_json;
 pub mod duration;
 mod engine;
 mod eval;

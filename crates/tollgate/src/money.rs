@@ -127,7 +127,14 @@ impl Micros {
     }
 
     /// Writes the decimal form at the end of `buf` and returns it.
-    fn write_decimal(self, buf: &mut [u8; 28]) -> &str {
+    pub(crate) fn write_decimal(self, buf: &mut [u8; 28]) -> &str {
+        // Only ASCII digits, '.' and '-' are written: the check cannot fail.
+        std::str::from_utf8(self.write_decimal_ascii(buf)).unwrap_or_default()
+    }
+
+    /// [`Micros::write_decimal`] as bytes, for a writer that takes bytes (a decision's
+    /// JSON): checking a dozen bytes as UTF-8 costs more than writing them.
+    pub(crate) fn write_decimal_ascii(self, buf: &mut [u8; 28]) -> &[u8] {
         let mut i = buf.len();
         let abs = self.0.unsigned_abs();
         let (mut whole, mut frac) = (abs / Self::PER_USD as u64, abs % Self::PER_USD as u64);
@@ -150,8 +157,7 @@ impl Micros {
             i -= 1;
             buf[i] = b'-';
         }
-        // Only ASCII digits, '.', '-' were written: the check cannot fail.
-        std::str::from_utf8(&buf[i..]).unwrap_or_default()
+        &buf[i..]
     }
 }
 

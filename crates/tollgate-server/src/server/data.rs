@@ -115,10 +115,10 @@ pub fn decision_response(decision: &Decision, allowed_status: StatusCode) -> Res
     } else {
         StatusCode::from_u16(decision.code.http_status()).unwrap_or(StatusCode::FORBIDDEN)
     };
-    // Sized for a typical decision up front: growing the buffer while serialising costs
-    // more than the serialising.
+    // Sized for a typical decision up front: growing the buffer while writing costs more
+    // than the writing.
     let mut body = Vec::with_capacity(512);
-    let mut response = match serde_json::to_writer(&mut body, decision) {
+    let mut response = match decision.write_json(&mut body) {
         Ok(()) => (
             status,
             [(
