@@ -14,7 +14,8 @@
 # too, so it is the machine, not the server). Short rounds, alternated, let both endpoints
 # see the same spells of slowness; the figure is the median of the rounds' ratios, with
 # the ratio of the totals beside it. Each line also gives the server's own CPU time per
-# request (user + system, from /proc), the part of the cost a change to the server moves.
+# request (from /proc), the part of the cost a change to the server moves, as user + system
+# time: the system part is mostly loopback TCP, including waking wrk for each response.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-2}"
@@ -41,11 +42,12 @@ cp bench/check.lua "$data/check.lua"
 # 2-core machine, where wrk shares the CPU with the server); only the endpoint differs.
 sed -e 's|"POST", "/v1/check"|"GET", "/healthz"|' "$data/check.lua" >"$data/trivial.lua"
 
-# The server's CPU time so far, in clock ticks.
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
+# The server's CPU time so far, in clock ticks: user, then system.
+cpu_ticks() { awk '{print $14, $15}' "/proc/$pid/stat"; }
 ticks_per_sec="$(getconf CLK_TCK)"
 
-# run <script> <seconds>: prints "<req/s> <requests> <server CPU µs per request>".
+# run <script> <seconds>: prints "<req/s> <requests> <server CPU µs per request>
+# <user µs> <system µs>".
 run() {
   local before after out
   before="$(cpu_ticks)"
@@ -54,7 +56,11 @@ run() {
   awk -v b="$before" -v a="$after" -v t="$ticks_per_sec" '
     /requests in/ { n = $1 }
     /Requests\/sec/ { r = $2 }
-    END { printf "%.0f %d %.1f\n", r, n, (a - b) / t / n * 1e6 }' <<<"$out"
+    END {
+      split(b, x, " "); split(a, y, " ")
+      u = (y[1] - x[1]) / t / n * 1e6; s = (y[2] - x[2]) / t / n * 1e6
+      printf "%.0f %d %.1f %.1f %.1f\n", r, n, u + s, u, s
+    }' <<<"$out"
 }
 
 echo "warming up" >&2
@@ -68,14 +74,14 @@ ratios=()
 trivial_total=0
 check_total=0
 for round in $(seq "$rounds"); do
-  read -r trivial trivial_n trivial_cpu < <(run "$data/trivial.lua" "$secs")
-  read -r check check_n check_cpu < <(run "$data/check.lua" "$secs")
+  read -r trivial trivial_n trivial_cpu trivial_user trivial_sys < <(run "$data/trivial.lua" "$secs")
+  read -r check check_n check_cpu check_user check_sys < <(run "$data/check.lua" "$secs")
   trivial_total=$((trivial_total + trivial_n))
   check_total=$((check_total + check_n))
   ratio="$(awk -v a="$check" -v b="$trivial" 'BEGIN { printf "%.2f", a / b }')"
   ratios+=("$ratio")
-  printf 'round %d: GET /healthz %6d req/s (server %5.1f µs CPU/req)   POST /v1/check %6d req/s (server %5.1f µs CPU/req)   ratio %s\n' \
-    "$round" "$trivial" "$trivial_cpu" "$check" "$check_cpu" "$ratio"
+  printf 'round %d: GET /healthz %6d req/s (server %5.1f µs CPU/req: %4.1f user + %4.1f sys)   POST /v1/check %6d req/s (server %5.1f µs: %4.1f + %4.1f)   ratio %s\n' \
+    "$round" "$trivial" "$trivial_cpu" "$trivial_user" "$trivial_sys" "$check" "$check_cpu" "$check_user" "$check_sys" "$ratio"
 done
 echo
 echo "POST /v1/check: $policy, 100,000 users, $conns connections, ${secs}s per endpoint and round"
