@@ -324,6 +324,29 @@ async fn decisions_records_leases_runs_and_errors() {
     ] {
         assert!(api["paths"].get(path).is_some(), "openapi lacks {path}");
     }
+    // Every `{name}` of a path is declared as a path parameter of each of its operations
+    // (a client generated from the document needs it to build the URL).
+    for (path, operations) in api["paths"].as_object().unwrap() {
+        let names: Vec<&str> = path
+            .split('/')
+            .filter_map(|part| part.strip_prefix('{')?.strip_suffix('}'))
+            .collect();
+        for (method, operation) in operations.as_object().unwrap() {
+            let declared: Vec<&str> = operation["parameters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["in"] == "path")
+                .filter_map(|p| p["name"].as_str())
+                .collect();
+            for name in &names {
+                assert!(
+                    declared.contains(name),
+                    "{method} {path} does not declare its path parameter `{name}`"
+                );
+            }
+        }
+    }
     assert_eq!(status_of(c.get(server.url("/v2/nothing"))).await, 404);
 }
 

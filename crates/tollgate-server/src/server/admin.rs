@@ -171,7 +171,7 @@ pub async fn list_versions(s: State, headers: HeaderMap) -> Result<Response, Api
 }
 
 /// `GET /v1/admin/policy/versions/{v}`.
-#[utoipa::path(get, path = "/v1/admin/policy/versions/{version}", responses((status = 200, description = "{version, document, source, created_at, actor, reason}"), (status = 404)))]
+#[utoipa::path(get, path = "/v1/admin/policy/versions/{version}", params(("version" = u64, Path, description = "the policy version")), responses((status = 200, description = "{version, document, source, created_at, actor, reason}"), (status = 404)))]
 pub async fn get_version(
     s: State,
     headers: HeaderMap,
@@ -200,7 +200,7 @@ async fn stored_version(s: &AppState, version: &str) -> Result<PolicyVersion, Ap
 }
 
 /// `POST /v1/admin/policy/rollback/{v}`: version `v`'s document becomes a new version.
-#[utoipa::path(post, path = "/v1/admin/policy/rollback/{version}", responses((status = 200, description = "{version}"), (status = 404), (status = 422, description = "the old document no longer validates")))]
+#[utoipa::path(post, path = "/v1/admin/policy/rollback/{version}", params(("version" = u64, Path, description = "the version whose document becomes a new version")), responses((status = 200, description = "{version}"), (status = 404), (status = 422, description = "the old document no longer validates")))]
 pub async fn rollback(
     s: State,
     headers: HeaderMap,
@@ -237,7 +237,7 @@ fn scope_of(q: &HashMap<String, String>) -> Result<String, ApiError> {
 }
 
 /// `PUT /v1/admin/settings/{key}?scope=…` with `{"value": …}`.
-#[utoipa::path(put, path = "/v1/admin/settings/{key}", params(("scope" = Option<String>, Query, description = "global (default), product:<id>, team:<id>, key:<id>, user:<id>")),
+#[utoipa::path(put, path = "/v1/admin/settings/{key}", params(("key" = String, Path, description = "the setting key"), ("scope" = Option<String>, Query, description = "global (default), product:<id>, team:<id>, key:<id>, user:<id>")),
     responses((status = 200, description = "{key, scope, value, previous}"), (status = 422, description = "unknown key, wrong type, out of bounds, bad scope")))]
 pub async fn put_setting(
     s: State,
@@ -295,7 +295,7 @@ pub async fn put_setting(
 }
 
 /// `DELETE /v1/admin/settings/{key}?scope=…`.
-#[utoipa::path(delete, path = "/v1/admin/settings/{key}", responses((status = 204), (status = 404, description = "no override there")))]
+#[utoipa::path(delete, path = "/v1/admin/settings/{key}", params(("key" = String, Path, description = "the setting key"), ("scope" = Option<String>, Query, description = "global (default), product:<id>, team:<id>, key:<id>, user:<id>")), responses((status = 204), (status = 404, description = "no override there")))]
 pub async fn delete_setting(
     s: State,
     headers: HeaderMap,

@@ -317,7 +317,7 @@ pub async fn acquire_lease(
 }
 
 /// `DELETE /v1/leases/{id}`.
-#[utoipa::path(delete, path = "/v1/leases/{id}", responses((status = 204), (status = 404)))]
+#[utoipa::path(delete, path = "/v1/leases/{id}", params(("id" = String, Path, description = "the lease id")), responses((status = 204), (status = 404)))]
 pub async fn release(
     s: State,
     _caller: DataCaller,
@@ -369,7 +369,7 @@ pub async fn create_run(
 }
 
 /// `GET /v1/runs/{id}`.
-#[utoipa::path(get, path = "/v1/runs/{id}", responses((status = 200), (status = 404)))]
+#[utoipa::path(get, path = "/v1/runs/{id}", params(("id" = String, Path, description = "the run id")), responses((status = 200), (status = 404)))]
 pub async fn get_run(
     s: State,
     _caller: DataCaller,
