@@ -550,6 +550,25 @@ async fn control_plane_versions_settings_and_audit() {
         .map(|v| v["version"].as_u64().unwrap())
         .collect();
     assert_eq!(versions, vec![2, 1]);
+    // A query parameter a route does not take is refused, naming it.
+    for (url, message) in [
+        (
+            "/v1/admin/policy/versions?limit=1",
+            "unknown query parameter `limit` (this route takes none)",
+        ),
+        (
+            "/v1/admin/audit?limt=1",
+            "unknown query parameter `limt` (accepted: limit)",
+        ),
+    ] {
+        let (status, e) = json_of(admin(c.get(server.url(url))).send().await.unwrap()).await;
+        assert_eq!(status, 400, "{url}");
+        assert_eq!(e["error"]["message"], message, "{url}");
+        assert_eq!(
+            e["error"]["details"][0]["field"],
+            url.split(['?', '=']).nth(1).unwrap()
+        );
+    }
     assert_eq!(vs["versions"][0]["actor"], "alice");
     assert_eq!(vs["versions"][0]["reason"], "tighten models");
     let (status, v1) = json_of(

@@ -85,7 +85,7 @@ pub async fn install(
 
 /// `GET /v1/admin/policy` (`?format=yaml` for the document text as stored).
 #[utoipa::path(get, path = "/v1/admin/policy", params(("format" = Option<String>, Query, description = "json (default) or yaml")),
-    responses((status = 200, description = "{version, document}"), (status = 401)))]
+    responses((status = 200, description = "{version, document}"), (status = 400, description = "an unknown query parameter"), (status = 401)))]
 pub async fn get_policy(
     s: State,
     headers: HeaderMap,
@@ -157,9 +157,15 @@ pub async fn put_policy(
 }
 
 /// `GET /v1/admin/policy/versions`.
-#[utoipa::path(get, path = "/v1/admin/policy/versions", responses((status = 200, description = "{versions: [{version, created_at, actor, reason}]}")))]
-pub async fn list_versions(s: State, headers: HeaderMap) -> Result<Response, ApiError> {
+#[utoipa::path(get, path = "/v1/admin/policy/versions", responses((status = 200, description = "{versions: [{version, created_at, actor, reason}]}"), (status = 400, description = "an unknown query parameter"), (status = 401)))]
+pub async fn list_versions(
+    s: State,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
     auth::admin(&s.admin_keys, &headers)?;
+    // No parameters: one given is a mistake, refused as on every other route.
+    query(&q, &[])?;
     let versions: Vec<_> = s
         .store
         .policy_versions()
@@ -171,7 +177,7 @@ pub async fn list_versions(s: State, headers: HeaderMap) -> Result<Response, Api
 }
 
 /// `GET /v1/admin/policy/versions/{v}`.
-#[utoipa::path(get, path = "/v1/admin/policy/versions/{version}", params(("version" = u64, Path, description = "the policy version")), responses((status = 200, description = "{version, document, source, created_at, actor, reason}"), (status = 404)))]
+#[utoipa::path(get, path = "/v1/admin/policy/versions/{version}", params(("version" = u64, Path, description = "the policy version")), responses((status = 200, description = "{version, document, source, created_at, actor, reason}"), (status = 400, description = "not a version number"), (status = 401), (status = 404)))]
 pub async fn get_version(
     s: State,
     headers: HeaderMap,
@@ -200,7 +206,7 @@ async fn stored_version(s: &AppState, version: &str) -> Result<PolicyVersion, Ap
 }
 
 /// `POST /v1/admin/policy/rollback/{v}`: version `v`'s document becomes a new version.
-#[utoipa::path(post, path = "/v1/admin/policy/rollback/{version}", params(("version" = u64, Path, description = "the version whose document becomes a new version")), responses((status = 200, description = "{version}"), (status = 404), (status = 422, description = "the old document no longer validates")))]
+#[utoipa::path(post, path = "/v1/admin/policy/rollback/{version}", params(("version" = u64, Path, description = "the version whose document becomes a new version")), responses((status = 200, description = "{version}"), (status = 400, description = "not a version number"), (status = 401), (status = 404), (status = 422, description = "the old document no longer validates")))]
 pub async fn rollback(
     s: State,
     headers: HeaderMap,
@@ -238,7 +244,7 @@ fn scope_of(q: &HashMap<String, String>) -> Result<String, ApiError> {
 
 /// `PUT /v1/admin/settings/{key}?scope=…` with `{"value": …}`.
 #[utoipa::path(put, path = "/v1/admin/settings/{key}", params(("key" = String, Path, description = "the setting key"), ("scope" = Option<String>, Query, description = "global (default), product:<id>, team:<id>, key:<id>, user:<id>")),
-    responses((status = 200, description = "{key, scope, value, previous}"), (status = 422, description = "unknown key, wrong type, out of bounds, bad scope")))]
+    responses((status = 200, description = "{key, scope, value, previous}"), (status = 400, description = "a body that is not {\"value\": …}, an unknown query parameter"), (status = 401), (status = 422, description = "unknown key, wrong type, out of bounds, bad scope")))]
 pub async fn put_setting(
     s: State,
     headers: HeaderMap,
@@ -295,7 +301,7 @@ pub async fn put_setting(
 }
 
 /// `DELETE /v1/admin/settings/{key}?scope=…`.
-#[utoipa::path(delete, path = "/v1/admin/settings/{key}", params(("key" = String, Path, description = "the setting key"), ("scope" = Option<String>, Query, description = "global (default), product:<id>, team:<id>, key:<id>, user:<id>")), responses((status = 204), (status = 404, description = "no override there")))]
+#[utoipa::path(delete, path = "/v1/admin/settings/{key}", params(("key" = String, Path, description = "the setting key"), ("scope" = Option<String>, Query, description = "global (default), product:<id>, team:<id>, key:<id>, user:<id>")), responses((status = 204), (status = 400, description = "an unknown query parameter"), (status = 401), (status = 404, description = "no override there")))]
 pub async fn delete_setting(
     s: State,
     headers: HeaderMap,
@@ -335,7 +341,7 @@ pub async fn delete_setting(
 }
 
 /// `GET /v1/admin/audit?limit=`: newest first.
-#[utoipa::path(get, path = "/v1/admin/audit", params(("limit" = Option<u32>, Query)), responses((status = 200, description = "{entries: [{id, at, actor, action, target, from, to, reason}]}")))]
+#[utoipa::path(get, path = "/v1/admin/audit", params(("limit" = Option<u32>, Query)), responses((status = 200, description = "{entries: [{id, at, actor, action, target, from, to, reason}]}"), (status = 400, description = "a limit that is not a number, an unknown query parameter"), (status = 401)))]
 pub async fn audit(
     s: State,
     headers: HeaderMap,

@@ -23,10 +23,14 @@ use super::{Counters, State};
 /// Only the named query parameters are accepted (a typo must not be silently ignored).
 pub fn query(q: &HashMap<String, String>, allowed: &[&str]) -> Result<(), ApiError> {
     match q.keys().find(|k| !allowed.contains(&k.as_str())) {
-        Some(k) => Err(ApiError::bad_request(format!(
-            "unknown query parameter `{k}` (accepted: {})",
-            allowed.join(", ")
-        ))
+        Some(k) => Err(ApiError::bad_request(if allowed.is_empty() {
+            format!("unknown query parameter `{k}` (this route takes none)")
+        } else {
+            format!(
+                "unknown query parameter `{k}` (accepted: {})",
+                allowed.join(", ")
+            )
+        })
         .with_details(json!([{"field": k, "message": "unknown query parameter"}]))),
         None => Ok(()),
     }
