@@ -345,6 +345,13 @@ async fn decisions_records_leases_runs_and_errors() {
                     "{method} {path} does not declare its path parameter `{name}`"
                 );
             }
+            // Every API route answers 401 without a key, once keys are set.
+            if path.starts_with("/v1/") {
+                assert!(
+                    operation["responses"].get("401").is_some(),
+                    "{method} {path} does not document its 401"
+                );
+            }
         }
     }
     assert_eq!(status_of(c.get(server.url("/v2/nothing"))).await, 404);

@@ -181,7 +181,7 @@ struct RecordBody {
 }
 
 /// `POST /v1/record`: the actual cost of an allowed decision (idempotent).
-#[utoipa::path(post, path = "/v1/record", responses((status = 200, description = "{recorded, duplicate}"), (status = 404, description = "unknown decision"), (status = 400), (status = 503)))]
+#[utoipa::path(post, path = "/v1/record", responses((status = 200, description = "{recorded, duplicate}"), (status = 404, description = "unknown decision"), (status = 400), (status = 503), (status = 401, description = "no or unknown API key, when keys are set")))]
 pub async fn record(
     s: State,
     _caller: DataCaller,
@@ -269,7 +269,7 @@ fn recorded(duplicate: bool) -> Response {
 /// `POST /v1/leases`: a check that also takes a lease on `resource` (`?ttl=30s` lets the
 /// slot come back on its own).
 #[utoipa::path(post, path = "/v1/leases", params(("ttl" = Option<String>, Query, description = "lease lifetime, e.g. 30s"), ("explain" = Option<bool>, Query)),
-    responses((status = 201, description = "the decision plus lease_id"), (status = 429), (status = 403), (status = 400)))]
+    responses((status = 201, description = "the decision plus lease_id"), (status = 429), (status = 403), (status = 400), (status = 401, description = "no or unknown API key, when keys are set")))]
 pub async fn acquire(
     s: State,
     Query(q): Query<HashMap<String, String>>,
@@ -321,7 +321,7 @@ pub async fn acquire_lease(
 }
 
 /// `DELETE /v1/leases/{id}`.
-#[utoipa::path(delete, path = "/v1/leases/{id}", params(("id" = String, Path, description = "the lease id")), responses((status = 204), (status = 404)))]
+#[utoipa::path(delete, path = "/v1/leases/{id}", params(("id" = String, Path, description = "the lease id")), responses((status = 204), (status = 404), (status = 401, description = "no or unknown API key, when keys are set")))]
 pub async fn release(
     s: State,
     _caller: DataCaller,
@@ -347,7 +347,7 @@ pub async fn release_lease(s: &super::AppState, id: &str) -> Result<(), ApiError
 }
 
 /// `POST /v1/runs`: freeze the policy version and settings for a run.
-#[utoipa::path(post, path = "/v1/runs", responses((status = 201, description = "{id, policy_version, settings, budget_usd}"), (status = 409, description = "the id exists"), (status = 422), (status = 400)))]
+#[utoipa::path(post, path = "/v1/runs", responses((status = 201, description = "{id, policy_version, settings, budget_usd}"), (status = 409, description = "the id exists"), (status = 422), (status = 400), (status = 401, description = "no or unknown API key, when keys are set")))]
 pub async fn create_run(
     s: State,
     _caller: DataCaller,
@@ -373,7 +373,7 @@ pub async fn create_run(
 }
 
 /// `GET /v1/runs/{id}`.
-#[utoipa::path(get, path = "/v1/runs/{id}", params(("id" = String, Path, description = "the run id")), responses((status = 200), (status = 404)))]
+#[utoipa::path(get, path = "/v1/runs/{id}", params(("id" = String, Path, description = "the run id")), responses((status = 200), (status = 404), (status = 401, description = "no or unknown API key, when keys are set")))]
 pub async fn get_run(
     s: State,
     _caller: DataCaller,
@@ -388,7 +388,7 @@ pub async fn get_run(
 }
 
 /// `GET /v1/settings/effective?product=&team=&key=&user=&agent=&run=`.
-#[utoipa::path(get, path = "/v1/settings/effective", responses((status = 200, description = "{settings: {KEY: {value, source}}}"), (status = 404, description = "unknown run")))]
+#[utoipa::path(get, path = "/v1/settings/effective", responses((status = 200, description = "{settings: {KEY: {value, source}}}"), (status = 404, description = "unknown run"), (status = 401, description = "no or unknown API key, when keys are set")))]
 pub async fn effective_settings(
     s: State,
     _caller: DataCaller,
@@ -413,7 +413,7 @@ pub async fn effective_settings(
 }
 
 /// `GET /v1/usage?dimension=&id=`.
-#[utoipa::path(get, path = "/v1/usage", responses((status = 200, description = "{items: [...]}")))]
+#[utoipa::path(get, path = "/v1/usage", responses((status = 200, description = "{items: [...]}"), (status = 401, description = "no or unknown API key, when keys are set")))]
 pub async fn usage(
     s: State,
     _caller: DataCaller,

@@ -181,7 +181,7 @@ fn product_max_engines(s: &AppState, id: &str) -> Option<u64> {
 }
 
 /// `POST /v1/products/{id}/admit`: may this product take one more request?
-#[utoipa::path(post, path = "/v1/products/{id}/admit", params(("id" = String, Path, description = "the product id")), responses((status = 200, description = "the decision"), (status = 429, description = "RATE_LIMITED (convention body)"), (status = 403)))]
+#[utoipa::path(post, path = "/v1/products/{id}/admit", params(("id" = String, Path, description = "the product id")), responses((status = 200, description = "the decision"), (status = 429, description = "RATE_LIMITED (convention body)"), (status = 403), (status = 401, description = "no or unknown API key, when keys are set")))]
 pub async fn admit(
     s: State,
     _caller: DataCaller,
@@ -199,7 +199,7 @@ pub async fn admit(
 }
 
 /// `POST /v1/products/{id}/provision`: a lease on `engines` for the product.
-#[utoipa::path(post, path = "/v1/products/{id}/provision", params(("id" = String, Path, description = "the product id")), responses((status = 201, description = "the decision plus lease_id"), (status = 429, description = "QUOTA_EXCEEDED (convention body)")))]
+#[utoipa::path(post, path = "/v1/products/{id}/provision", params(("id" = String, Path, description = "the product id")), responses((status = 201, description = "the decision plus lease_id"), (status = 429, description = "QUOTA_EXCEEDED (convention body)"), (status = 401, description = "no or unknown API key, when keys are set")))]
 pub async fn provision(
     s: State,
     _caller: DataCaller,
@@ -216,7 +216,7 @@ pub async fn provision(
 }
 
 /// `DELETE /v1/products/{id}/provision/{lease_id}`: the engine is gone.
-#[utoipa::path(delete, path = "/v1/products/{id}/provision/{lease_id}", params(("id" = String, Path, description = "the product id"), ("lease_id" = String, Path, description = "the lease id from provision")), responses((status = 204), (status = 404)))]
+#[utoipa::path(delete, path = "/v1/products/{id}/provision/{lease_id}", params(("id" = String, Path, description = "the product id"), ("lease_id" = String, Path, description = "the lease id from provision")), responses((status = 204), (status = 404), (status = 401, description = "no or unknown API key, when keys are set")))]
 pub async fn deprovision(
     s: State,
     _caller: DataCaller,
