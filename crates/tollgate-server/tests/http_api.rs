@@ -324,6 +324,29 @@ async fn decisions_records_leases_runs_and_errors() {
     ] {
         assert!(api["paths"].get(path).is_some(), "openapi lacks {path}");
     }
+    // The JSON bodies are described, unknown fields refused as the server refuses them.
+    for (path, method, schema) in [
+        ("/v1/check", "post", "Request"),
+        ("/v1/leases", "post", "Request"),
+        ("/v1/record", "post", "RecordBody"),
+        ("/v1/runs", "post", "RunSpec"),
+        ("/v1/products/{id}/policy", "put", "Limits"),
+    ] {
+        let body = &api["paths"][path][method]["requestBody"]["content"]["application/json"];
+        assert_eq!(
+            body["schema"]["$ref"],
+            format!("#/components/schemas/{schema}"),
+            "{method} {path}"
+        );
+        assert_eq!(
+            api["components"]["schemas"][schema]["additionalProperties"], false,
+            "{schema}"
+        );
+    }
+    let subject = &api["components"]["schemas"]["Subject"]["properties"];
+    for field in ["product", "team", "key", "user", "agent", "run"] {
+        assert!(subject.get(field).is_some(), "Subject lacks {field}");
+    }
     // Every `{name}` of a path is declared as a path parameter of each of its operations
     // (a client generated from the document needs it to build the URL).
     for (path, operations) in api["paths"].as_object().unwrap() {

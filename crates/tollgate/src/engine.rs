@@ -59,6 +59,7 @@ pub enum EngineError {
 }
 
 /// A request to create a run.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunSpec {
@@ -70,6 +71,7 @@ pub struct RunSpec {
     pub subject: Subject,
     /// A `total` budget over all the run's calls.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "2.50"))]
     pub budget_usd: Option<Micros>,
     /// `reject` (default), `alert` or `downgrade`.
     #[serde(default)]

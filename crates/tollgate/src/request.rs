@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::money::Micros;
 
 /// Who is asking. Every field is optional.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Subject {
@@ -148,11 +149,13 @@ impl fmt::Display for Dimension {
 }
 
 /// The caller's estimate of what the call will cost.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Estimate {
     /// The estimated cost; when absent it is priced from the tokens and `pricing`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, example = "0.0042"))]
     pub cost_usd: Option<Micros>,
     /// Estimated input (prompt) tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -164,6 +167,7 @@ pub struct Estimate {
 
 /// A request for a decision. Every field is optional; unknown fields are refused
 /// (a typo such as `subjcet` must not silently drop the subject and every limit with it).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Request {

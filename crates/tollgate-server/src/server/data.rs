@@ -148,7 +148,7 @@ pub fn decision_response(decision: &Decision, allowed_status: StatusCode) -> Res
 }
 
 /// `POST /v1/check`: decide a request. The body is always the decision.
-#[utoipa::path(post, path = "/v1/check", params(("explain" = Option<bool>, Query, description = "fill `trace`")),
+#[utoipa::path(post, path = "/v1/check", request_body = tollgate::Request, params(("explain" = Option<bool>, Query, description = "fill `trace`")),
     responses((status = 200, description = "allowed"), (status = 403, description = "POLICY_DENIED"),
                (status = 429, description = "RATE_LIMITED, QUOTA_EXCEEDED or BUDGET_EXCEEDED"), (status = 400), (status = 401), (status = 413)))]
 pub async fn check(
@@ -173,15 +173,19 @@ pub async fn check(
     Ok(decision_response(&decision, StatusCode::OK))
 }
 
-#[derive(Deserialize)]
+/// The body of `POST /v1/record`.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RecordBody {
+pub struct RecordBody {
+    /// The `decision_id` of the check.
     decision_id: String,
+    /// What the call cost, in USD (a decimal string or a number).
+    #[schema(value_type = String, example = "0.0031")]
     cost_usd: Micros,
 }
 
 /// `POST /v1/record`: the actual cost of an allowed decision (idempotent).
-#[utoipa::path(post, path = "/v1/record", responses((status = 200, description = "{recorded, duplicate}"), (status = 404, description = "unknown decision"), (status = 400), (status = 503), (status = 401, description = "no or unknown API key, when keys are set")))]
+#[utoipa::path(post, path = "/v1/record", request_body = RecordBody, responses((status = 200, description = "{recorded, duplicate}"), (status = 404, description = "unknown decision"), (status = 400), (status = 503), (status = 401, description = "no or unknown API key, when keys are set")))]
 pub async fn record(
     s: State,
     _caller: DataCaller,
@@ -268,7 +272,7 @@ fn recorded(duplicate: bool) -> Response {
 
 /// `POST /v1/leases`: a check that also takes a lease on `resource` (`?ttl=30s` lets the
 /// slot come back on its own).
-#[utoipa::path(post, path = "/v1/leases", params(("ttl" = Option<String>, Query, description = "lease lifetime, e.g. 30s"), ("explain" = Option<bool>, Query)),
+#[utoipa::path(post, path = "/v1/leases", request_body = tollgate::Request, params(("ttl" = Option<String>, Query, description = "lease lifetime, e.g. 30s"), ("explain" = Option<bool>, Query)),
     responses((status = 201, description = "the decision plus lease_id"), (status = 429), (status = 403), (status = 400), (status = 401, description = "no or unknown API key, when keys are set")))]
 pub async fn acquire(
     s: State,
@@ -347,7 +351,7 @@ pub async fn release_lease(s: &super::AppState, id: &str) -> Result<(), ApiError
 }
 
 /// `POST /v1/runs`: freeze the policy version and settings for a run.
-#[utoipa::path(post, path = "/v1/runs", responses((status = 201, description = "{id, policy_version, settings, budget_usd}"), (status = 409, description = "the id exists"), (status = 422), (status = 400), (status = 401, description = "no or unknown API key, when keys are set")))]
+#[utoipa::path(post, path = "/v1/runs", request_body = tollgate::RunSpec, responses((status = 201, description = "{id, policy_version, settings, budget_usd}"), (status = 409, description = "the id exists"), (status = 422), (status = 400), (status = 401, description = "no or unknown API key, when keys are set")))]
 pub async fn create_run(
     s: State,
     _caller: DataCaller,

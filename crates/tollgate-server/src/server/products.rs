@@ -19,10 +19,13 @@ use super::data::{acquire_lease, decision_response, observe, release_lease};
 use super::error::{ApiError, body_rejection, parse_json};
 use super::{AppState, State, admin, auth};
 
-#[derive(Deserialize)]
+/// The body of `PUT /v1/products/{id}/policy` (`{}`: no limits).
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Limits {
+pub struct Limits {
+    /// Engines the product may hold at once (leases on `engines`).
     max_engines: Option<u64>,
+    /// Admissions a minute.
     rate_limit_rpm: Option<u64>,
 }
 
@@ -43,7 +46,7 @@ fn literal_glob(text: &str) -> String {
 }
 
 /// `PUT /v1/products/{id}/policy` with `{"max_engines": N, "rate_limit_rpm": M}` (`{}`: no limits).
-#[utoipa::path(put, path = "/v1/products/{id}/policy", params(("id" = String, Path, description = "the product id")), responses((status = 200, description = "{product, max_engines, rate_limit_rpm, version}"), (status = 401), (status = 400)))]
+#[utoipa::path(put, path = "/v1/products/{id}/policy", request_body = Limits, params(("id" = String, Path, description = "the product id")), responses((status = 200, description = "{product, max_engines, rate_limit_rpm, version}"), (status = 401), (status = 400)))]
 pub async fn put_policy(
     s: State,
     headers: HeaderMap,
@@ -181,7 +184,7 @@ fn product_max_engines(s: &AppState, id: &str) -> Option<u64> {
 }
 
 /// `POST /v1/products/{id}/admit`: may this product take one more request?
-#[utoipa::path(post, path = "/v1/products/{id}/admit", params(("id" = String, Path, description = "the product id")), responses((status = 200, description = "the decision"), (status = 429, description = "RATE_LIMITED (convention body)"), (status = 403), (status = 401, description = "no or unknown API key, when keys are set")))]
+#[utoipa::path(post, path = "/v1/products/{id}/admit", request_body(content = Option<tollgate::Request>, description = "optional: the subject's other dimensions, labels and estimate (product and action are set from the route)"), params(("id" = String, Path, description = "the product id")), responses((status = 200, description = "the decision"), (status = 400, description = "a body that is not a request"), (status = 429, description = "RATE_LIMITED (convention body)"), (status = 403), (status = 401, description = "no or unknown API key, when keys are set")))]
 pub async fn admit(
     s: State,
     _caller: DataCaller,
@@ -199,7 +202,7 @@ pub async fn admit(
 }
 
 /// `POST /v1/products/{id}/provision`: a lease on `engines` for the product.
-#[utoipa::path(post, path = "/v1/products/{id}/provision", params(("id" = String, Path, description = "the product id")), responses((status = 201, description = "the decision plus lease_id"), (status = 429, description = "QUOTA_EXCEEDED (convention body)"), (status = 401, description = "no or unknown API key, when keys are set")))]
+#[utoipa::path(post, path = "/v1/products/{id}/provision", request_body(content = Option<tollgate::Request>, description = "optional: the subject's other dimensions, labels and estimate (product and action are set from the route)"), params(("id" = String, Path, description = "the product id")), responses((status = 201, description = "the decision plus lease_id"), (status = 400, description = "a body that is not a request"), (status = 403, description = "POLICY_DENIED (convention body)"), (status = 429, description = "QUOTA_EXCEEDED (convention body)"), (status = 401, description = "no or unknown API key, when keys are set")))]
 pub async fn provision(
     s: State,
     _caller: DataCaller,
