@@ -207,14 +207,45 @@ impl Spend {
     }
 }
 
+/// A counter's state. Kept to 32 bytes, so that a counter with its id fills one cache
+/// line: the queues of spend and sliding-window counters live behind a box (100,000
+/// users' counters in 192-byte entries missed the cache on every line; `rule_costs`, a
+/// rate rule alone ≈ 700 → 500 ns a check, a budget alone ≈ 870 → 670 ns).
 #[derive(Debug)]
 enum State {
-    Bucket { units: i128, last: i64 },
+    Bucket { units: Units, last: i64 },
     Fixed { window: i64, count: u64 },
-    Sliding(VecDeque<i64>),
-    Spend(Spend),
+    // Boxed, though a `VecDeque` is on the heap already: its 32 bytes beside the tag
+    // would make every state 40.
+    #[allow(clippy::box_collection)]
+    Sliding(Box<VecDeque<i64>>),
+    Spend(Box<Spend>),
     Leases(Vec<(u128, Option<i64>)>),
 }
+
+/// A token bucket's content (tokens × `per_ms`, which can pass `i64::MAX`) as an `i128`
+/// in two halves: an `i128` field would align the whole counter entry to 16 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Units {
+    high: i64,
+    low: u64,
+}
+
+impl Units {
+    fn new(units: i128) -> Units {
+        Units {
+            high: (units >> 64) as i64,
+            low: units as u64,
+        }
+    }
+
+    fn get(self) -> i128 {
+        (i128::from(self.high) << 64) | i128::from(self.low)
+    }
+}
+
+// A counter with its id in one cache line (see `State`).
+const _: () = assert!(std::mem::size_of::<(u128, Counter)>() == 64);
 
 #[derive(Debug)]
 struct Counter {
@@ -561,7 +592,7 @@ impl MemoryLedger {
             // its window yet: it is kept until an operation tells it.
             let counter = shard.counters.entry(*id).or_insert_with(|| Counter {
                 label: Some(Arc::new(sink.clone())),
-                state: State::Spend(Spend::default()),
+                state: State::Spend(Box::default()),
                 idle_at: i64::MAX,
             });
             if let State::Spend(spend) = &mut counter.state {
@@ -615,7 +646,7 @@ fn fresh_state(kind: &OpKind) -> State {
             per_ms,
             ..
         } => State::Bucket {
-            units: i128::from(*burst) * i128::from(*per_ms),
+            units: Units::new(i128::from(*burst) * i128::from(*per_ms)),
             last: i64::MIN,
         },
         OpKind::Rate {
@@ -628,8 +659,8 @@ fn fresh_state(kind: &OpKind) -> State {
         OpKind::Rate {
             algorithm: Algorithm::SlidingWindow,
             ..
-        } => State::Sliding(VecDeque::new()),
-        OpKind::Spend { .. } | OpKind::Forecast { .. } => State::Spend(Spend::default()),
+        } => State::Sliding(Box::default()),
+        OpKind::Spend { .. } | OpKind::Forecast { .. } => State::Spend(Box::default()),
         OpKind::Lease { .. } => State::Leases(Vec::new()),
     }
 }
@@ -702,7 +733,7 @@ fn evaluate(counter: &mut Counter, op: &Op<'_>, now: i64) -> (OpResult, Effect) 
             } else {
                 i128::from((now - *last).max(0))
             };
-            let current = (*units + elapsed * rate).min(capacity);
+            let current = (units.get() + elapsed * rate).min(capacity);
             let used = ((capacity - current) / cost) as i64;
             if current >= cost {
                 let after = current - cost;
@@ -994,7 +1025,7 @@ impl Ledger for MemoryLedger {
                     },
                     State::Bucket { units, last },
                 ) => {
-                    *units = u;
+                    *units = Units::new(u);
                     *last = l;
                     counter.idle_at = idle_at;
                 }
@@ -1177,6 +1208,25 @@ mod tests {
     impl MemoryLedger {
         fn decision_records(&self) -> usize {
             self.decisions.iter().map(|d| d.lock().records.len()).sum()
+        }
+    }
+
+    /// A token bucket's content keeps every `i128` it can hold, both halves, the sign
+    /// included.
+    #[test]
+    fn bucket_units_keep_any_i128() {
+        for units in [
+            0,
+            1,
+            -1,
+            i128::from(u64::MAX),
+            i128::from(u64::MAX) + 1,
+            i128::from(i64::MIN) - 7,
+            i128::from(u64::MAX) * 60_000 + 12_345,
+            i128::MAX,
+            i128::MIN,
+        ] {
+            assert_eq!(super::Units::new(units).get(), units, "{units}");
         }
     }
 
