@@ -25,13 +25,11 @@ pub struct DecisionId([u8; uuid::fmt::Hyphenated::LENGTH]);
 impl DecisionId {
     /// The id whose 128 bits are `id`.
     pub fn from_u128(id: u128) -> DecisionId {
-        // Every decision gets one: written here as straight-line table lookups, ≈ 100
-        // instructions where `uuid`'s encoder took ≈ 350 (a test holds the two equal).
-        const HEX: &[u8; 16] = b"0123456789abcdef";
+        // Every decision gets one: eight hex digits at a time in a `u64` (≈ 70
+        // instructions, where `uuid`'s encoder took ≈ 350; a test holds the two equal).
         let mut digits = [0u8; 32];
-        for (i, byte) in id.to_be_bytes().into_iter().enumerate() {
-            digits[2 * i] = HEX[usize::from(byte >> 4)];
-            digits[2 * i + 1] = HEX[usize::from(byte & 0xf)];
+        for (i, chunk) in digits.chunks_exact_mut(8).enumerate() {
+            chunk.copy_from_slice(&hex8((id >> (96 - 32 * i)) as u32));
         }
         let mut text = [b'-'; uuid::fmt::Hyphenated::LENGTH];
         text[..8].copy_from_slice(&digits[..8]);
@@ -52,6 +50,18 @@ impl DecisionId {
         // Always ASCII: `encode_lower` wrote it.
         std::str::from_utf8(&self.0).unwrap_or_default()
     }
+}
+
+/// The eight lower-case hex digits of `x`, most significant first.
+fn hex8(x: u32) -> [u8; 8] {
+    // Spread the nibbles one to a byte (the first nibble in the highest byte)...
+    let x = u64::from(x);
+    let x = (x | (x << 16)) & 0x0000_ffff_0000_ffff;
+    let x = (x | (x << 8)) & 0x00ff_00ff_00ff_00ff;
+    let x = (x | (x << 4)) & 0x0f0f_0f0f_0f0f_0f0f;
+    // ...then make each byte its digit: '0' + n, and 39 more ('a' - '0' - 10) when n > 9.
+    let letters = ((x + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
+    (x + 0x3030_3030_3030_3030 + letters * 39).to_be_bytes()
 }
 
 impl Deref for DecisionId {
