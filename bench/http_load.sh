@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # HTTP load bench: POST /v1/check with a 10-rule policy against GET /healthz of the same
 # server, same machine, same run; prints both rates and their ratio.
-#   bench/http_load.sh [seconds] [connections] [policy file] [rounds]
-# (defaults: 2 s per endpoint and round, 32 connections, bench/policy-10-rules.yaml, 10 rounds)
+#   bench/http_load.sh [seconds] [connections] [policy file] [rounds] [warm-up seconds]
+# (defaults: 2 s per endpoint and round, 32 connections, bench/policy-10-rules.yaml, 10 rounds,
+# 5 s of warm-up checks)
 # With bench/policy-empty.yaml it measures the floor: the HTTP and JSON cost of a check
 # whose decision does nothing.
 #
@@ -22,6 +23,7 @@ secs="${1:-2}"
 conns="${2:-32}"
 policy="${3:-bench/policy-10-rules.yaml}"
 rounds="${4:-10}"
+warm="${5:-5}"
 
 if ! command -v wrk >/dev/null; then
   echo "installing wrk (Debian package)" >&2
@@ -65,7 +67,7 @@ run() {
 
 echo "warming up" >&2
 run "$data/trivial.lua" 2 >/dev/null
-read -r _ warm_requests _ < <(run "$data/check.lua" 5)
+read -r _ warm_requests _ < <(run "$data/check.lua" "$warm")
 if [ "$warm_requests" -lt 100000 ]; then
   echo "note: the warm-up checked $warm_requests requests, fewer than the 100,000 users" >&2
 fi

@@ -25,8 +25,8 @@ pub struct DecisionId([u8; uuid::fmt::Hyphenated::LENGTH]);
 impl DecisionId {
     /// The id whose 128 bits are `id`.
     pub fn from_u128(id: u128) -> DecisionId {
-        // Every decision gets one: eight hex digits at a time in a `u64` (≈ 70
-        // instructions, where `uuid`'s encoder took ≈ 350; a test holds the two equal).
+        // Every decision gets one: eight hex digits at a time in a `u64`, where `uuid`'s
+        // encoder took ≈ 350 instructions (a test holds the two texts equal).
         let mut digits = [0u8; 32];
         for (i, chunk) in digits.chunks_exact_mut(8).enumerate() {
             chunk.copy_from_slice(&hex8((id >> (96 - 32 * i)) as u32));

@@ -213,8 +213,14 @@ impl Spend {
 /// rate rule alone ≈ 700 → 500 ns a check, a budget alone ≈ 870 → 670 ns).
 #[derive(Debug)]
 enum State {
-    Bucket { units: Units, last: i64 },
-    Fixed { window: i64, count: u64 },
+    Bucket {
+        units: Units,
+        last: i64,
+    },
+    Fixed {
+        window: i64,
+        count: u64,
+    },
     // Boxed, though a `VecDeque` is on the heap already: its 32 bytes beside the tag
     // would make every state 40.
     #[allow(clippy::box_collection)]
