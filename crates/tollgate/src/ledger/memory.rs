@@ -222,7 +222,8 @@ enum State {
         count: u64,
     },
     // Boxed, though a `VecDeque` is on the heap already: its 32 bytes beside the tag
-    // would make every state 40.
+    // would make every state 40. (A sliding-window counter so allocates its box when
+    // made; a token bucket, the default, still allocates nothing.)
     #[allow(clippy::box_collection)]
     Sliding(Box<VecDeque<i64>>),
     Spend(Box<Spend>),
@@ -1217,8 +1218,8 @@ mod tests {
         }
     }
 
-    /// A token bucket's content keeps every `i128` it can hold, both halves, the sign
-    /// included.
+    /// A token bucket's content survives its split into two halves: any `i128`, of
+    /// either sign.
     #[test]
     fn bucket_units_keep_any_i128() {
         for units in [
