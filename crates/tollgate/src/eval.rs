@@ -150,35 +150,6 @@ struct Entry<'r> {
     op: Option<usize>,
 }
 
-/// The trace of an explained decision. `note` is inlined where it is called, so that an
-/// unexplained decision pays a branch per note, not a call (a `&dyn Fn` closure was
-/// called eight times a check).
-struct Trace {
-    explain: bool,
-    entries: Vec<TraceEntry>,
-}
-
-impl Trace {
-    /// Notes an outcome; `detail` is only formatted when the decision is explained.
-    #[inline(always)]
-    fn note(
-        &mut self,
-        policy: Option<&str>,
-        rule: Option<&str>,
-        outcome: &str,
-        detail: impl FnOnce() -> String,
-    ) {
-        if self.explain {
-            self.entries.push(TraceEntry {
-                policy: policy.map(str::to_string),
-                rule: rule.map(str::to_string),
-                outcome: outcome.to_string(),
-                detail: detail(),
-            });
-        }
-    }
-}
-
 /// The source of a decision's `settings`.
 pub(crate) enum DecisionSettings<'r> {
     /// A run's snapshot, frozen at its creation.
@@ -207,20 +178,29 @@ pub(crate) fn decide(
     options: CheckOptions,
 ) -> Decision {
     let explain = options.explain;
-    let mut trace = Trace {
-        explain,
-        entries: Vec::new(),
-    };
+    let mut trace: Vec<TraceEntry> = Vec::new();
+    // The detail is only formatted when the decision is explained.
+    let mut note =
+        |policy: Option<&str>, rule: Option<&str>, outcome: &str, detail: &dyn Fn() -> String| {
+            if explain {
+                trace.push(TraceEntry {
+                    policy: policy.map(str::to_string),
+                    rule: rule.map(str::to_string),
+                    outcome: outcome.to_string(),
+                    detail: detail(),
+                });
+            }
+        };
 
     let matched = set.matcher.matched(request);
     if explain {
         for (i, p) in set.policies.iter().enumerate() {
             let hit = matched.contains(&(i as u32));
-            trace.note(
+            note(
                 Some(&p.name),
                 None,
                 if hit { "matched" } else { "not_matched" },
-                || {
+                &|| {
                     if hit {
                         "its match holds".into()
                     } else {
@@ -342,7 +322,7 @@ pub(crate) fn decide(
     }
     let final_walk_model = ctx.model.map(Name::from);
     for n in ctx.notes.drain(..) {
-        trace.note(None, None, "note", || n);
+        note(None, None, "note", &|| n.clone());
     }
 
     plan.lease = (options.acquire && !stateless_denial).then(|| NewLease {
@@ -442,13 +422,13 @@ pub(crate) fn decide(
             .expect("every entry has a verdict by now");
         let (policy, id) = (Some(rule.policy.as_str()), Some(&*rule.id));
         match (verdict, rule.mode) {
-            (Verdict::Pass(detail), _) => trace.note(policy, id, "pass", || {
+            (Verdict::Pass(detail), _) => note(policy, id, "pass", &|| {
                 format!("{}: {detail}", rule.type_name())
             }),
-            (Verdict::Skip(detail), _) => trace.note(policy, id, "skip", || detail.to_string()),
-            (Verdict::Error(detail), _) => trace.note(policy, id, "error", || detail.clone()),
+            (Verdict::Skip(detail), _) => note(policy, id, "skip", &|| detail.to_string()),
+            (Verdict::Error(detail), _) => note(policy, id, "error", &|| detail.clone()),
             (Verdict::Deny { code, reason }, Mode::Enforce) => {
-                trace.note(policy, id, "deny", || reason.clone());
+                note(policy, id, "deny", &|| reason.clone());
                 if decision.allowed {
                     decision.allowed = false;
                     decision.code = *code;
@@ -458,21 +438,21 @@ pub(crate) fn decide(
                 }
             }
             (Verdict::Deny { reason, .. } | Verdict::Alert { reason }, Mode::Alert) => {
-                trace.note(policy, id, "alert", || reason.clone());
+                note(policy, id, "alert", &|| reason.clone());
                 decision.alerts.push(alert(rule, reason));
             }
             (Verdict::Alert { reason }, Mode::Enforce) => {
-                trace.note(policy, id, "alert", || reason.clone());
+                note(policy, id, "alert", &|| reason.clone());
                 decision.alerts.push(alert(rule, reason));
             }
             (Verdict::Deny { reason, .. }, Mode::Shadow) => {
-                trace.note(policy, id, "shadow_deny", || reason.clone())
+                note(policy, id, "shadow_deny", &|| reason.clone())
             }
             (Verdict::Alert { reason }, Mode::Shadow) => {
-                trace.note(policy, id, "shadow_alert", || reason.clone())
+                note(policy, id, "shadow_alert", &|| reason.clone())
             }
             (Verdict::Downgrade { to, reason }, Mode::Enforce) => {
-                trace.note(policy, id, "downgrade", || reason.clone());
+                note(policy, id, "downgrade", &|| reason.clone());
                 if entry.op.is_some() {
                     // A budget's downgrade also reports the exceeded budget.
                     decision.alerts.push(alert(rule, reason));
@@ -482,11 +462,11 @@ pub(crate) fn decide(
                 }
             }
             (Verdict::Downgrade { reason, .. }, Mode::Alert) => {
-                trace.note(policy, id, "alert", || reason.clone());
+                note(policy, id, "alert", &|| reason.clone());
                 decision.alerts.push(alert(rule, reason));
             }
             (Verdict::Downgrade { reason, .. }, Mode::Shadow) => {
-                trace.note(policy, id, "shadow_downgrade", || reason.clone())
+                note(policy, id, "shadow_downgrade", &|| reason.clone())
             }
         }
     }
@@ -498,7 +478,7 @@ pub(crate) fn decide(
         }
         if !decision.allowed {
             decision.retry_after_ms = None;
-            decision.trace = trace.entries;
+            decision.trace = trace;
             return decision;
         }
     }
@@ -512,7 +492,7 @@ pub(crate) fn decide(
             decision.lease_id = Some(DecisionId::from_u128(inputs.lease_id).to_string());
         }
     }
-    decision.trace = trace.entries;
+    decision.trace = trace;
     decision
 }
 

@@ -728,16 +728,6 @@ fn seed_leases(
         .collect()
 }
 
-/// `a / b` (rounding toward zero), in 64 bits when both fit: a 128-bit division is a call
-/// of ≈ 60 instructions, and a token bucket takes three a check.
-fn div(a: i128, b: i128) -> i128 {
-    match (i64::try_from(a), i64::try_from(b)) {
-        // `i64::MIN / -1` overflows in 64 bits; it does not in 128.
-        (Ok(a), Ok(b)) if b != -1 => i128::from(a / b),
-        _ => a / b,
-    }
-}
-
 fn evaluate(counter: &mut Counter, op: &Op<'_>, now: i64) -> (OpResult, Effect) {
     match (&mut counter.state, &op.kind) {
         (
@@ -758,15 +748,15 @@ fn evaluate(counter: &mut Counter, op: &Op<'_>, now: i64) -> (OpResult, Effect) 
                 i128::from((now - *last).max(0))
             };
             let current = (units.get() + elapsed * rate).min(capacity);
-            let used = div(capacity - current, cost) as i64;
+            let used = ((capacity - current) / cost) as i64;
             if current >= cost {
                 let after = current - cost;
-                let idle_at = now + div(capacity - after + rate - 1, rate) as i64;
+                let idle_at = now + ((capacity - after + rate - 1) / rate) as i64;
                 (
                     OpResult {
                         granted: true,
                         used,
-                        remaining: div(after, cost) as i64,
+                        remaining: (after / cost) as i64,
                         retry_after_ms: None,
                     },
                     Effect::Bucket {
@@ -776,7 +766,7 @@ fn evaluate(counter: &mut Counter, op: &Op<'_>, now: i64) -> (OpResult, Effect) 
                     },
                 )
             } else {
-                let wait = div(cost - current + rate - 1, rate) as u64;
+                let wait = ((cost - current + rate - 1) / rate) as u64;
                 (
                     OpResult {
                         granted: false,
@@ -894,7 +884,7 @@ fn evaluate(counter: &mut Counter, op: &Op<'_>, now: i64) -> (OpResult, Effect) 
             let lookback = i128::from(*lookback_ms);
             // projected = spent / (lookback in days) * 30, compared without rounding.
             let granted = spent * 30 * DAY_MS < i128::from(monthly_budget.0) * lookback;
-            let projected = div(spent * 30 * DAY_MS, lookback) as i64;
+            let projected = (spent * 30 * DAY_MS / lookback) as i64;
             (
                 OpResult {
                     granted,
@@ -1235,29 +1225,6 @@ mod tests {
     impl MemoryLedger {
         fn decision_records(&self) -> usize {
             self.decisions.iter().map(|d| d.lock().records.len()).sum()
-        }
-    }
-
-    mod division {
-        use proptest::prelude::*;
-        proptest! {
-            /// The 64-bit shortcut divides as `i128` does, near the edges of `i64` too.
-            #[test]
-            fn div_is_i128_division(
-                a in prop_oneof![
-                    any::<i64>().prop_map(i128::from),
-                    any::<i128>(),
-                    Just(i128::from(i64::MIN)),
-                ],
-                b in prop_oneof![
-                    any::<i64>().prop_map(i128::from),
-                    any::<i128>(),
-                    Just(-1i128),
-                ],
-            ) {
-                prop_assume!(b != 0 && !(a == i128::MIN && b == -1));
-                prop_assert_eq!(super::super::div(a, b), a / b);
-            }
         }
     }
 
