@@ -229,7 +229,6 @@ enum State {
     // made; a token bucket, the default, still allocates nothing.)
     #[allow(clippy::box_collection)]
     Sliding(Box<VecDeque<i64>>),
-    Spend(Box<Spend>),
     Leases(Vec<(u128, Option<i64>)>),
 }
 
@@ -257,11 +256,9 @@ impl Units {
 // A counter with its id in one cache line (see `State`).
 const _: () = assert!(std::mem::size_of::<(u128, Counter)>() == 64);
 
+/// A rate or lease counter (spend counters are [`SpendCounter`]s).
 #[derive(Debug)]
 struct Counter {
-    /// What the counter is, for spend counters only (the usage summary and records name
-    /// it); a rate counter, swept and made again as it idles, allocates nothing.
-    label: Option<Arc<Label>>,
     state: State,
     /// When the state becomes equivalent to a fresh one and may be swept.
     idle_at: i64,
@@ -269,17 +266,11 @@ struct Counter {
 
 impl Counter {
     /// Reads a word from each part of the counter an operation will read (the entry's
-    /// lines and both ends of its queues), so that a plan's cache misses are
-    /// all under way before the first operation needs its counter.
+    /// line and the front of its queue), so that a plan's cache misses are all under way
+    /// before the first operation needs its counter.
     fn touch(&self) -> i64 {
         let state = match &self.state {
             State::Bucket { last, .. } => *last,
-            State::Spend(spend) => {
-                spend.before_start
-                    ^ spend.reservations.front().map_or(0, |r| r.expires)
-                    ^ spend.reservations.back().map_or(0, |r| r.at)
-                    ^ spend.events.front().map_or(0, |e| e.0)
-            }
             State::Sliding(stamps) => stamps.front().map_or(0, |t| *t),
             _ => 0,
         };
@@ -287,9 +278,44 @@ impl Counter {
     }
 }
 
+/// A budget's, velocity rule's or forecast's counter. Its `Spend` is in the table entry,
+/// not behind a box: reading a budget is then one miss after the table's, not two (the
+/// box was the last step of a chain that the inline first reservation shortened
+/// already). Rate counters keep their 64-byte entries in a table of their own.
+#[derive(Debug)]
+struct SpendCounter {
+    /// What the counter is (the usage summary and records name it).
+    label: Arc<Label>,
+    /// When the spend is outside every window and no record can reach it: then it may
+    /// be swept.
+    idle_at: i64,
+    spend: Spend,
+}
+
+impl SpendCounter {
+    fn new(label: Arc<Label>, idle_at: i64) -> SpendCounter {
+        SpendCounter {
+            label,
+            idle_at,
+            spend: Spend::default(),
+        }
+    }
+
+    /// As [`Counter::touch`]: the entry's lines and both ends of its queues.
+    fn touch(&self) -> i64 {
+        let spend = &self.spend;
+        self.idle_at
+            ^ spend.before_start
+            ^ spend.reservations.front().map_or(0, |r| r.expires)
+            ^ spend.reservations.back().map_or(0, |r| r.at)
+            ^ spend.events.front().map_or(0, |e| e.0)
+    }
+}
+
 #[derive(Default)]
 struct Shard {
     counters: FxHashMap<u128, Counter>,
+    spends: FxHashMap<u128, SpendCounter>,
     ops: u32,
 }
 
@@ -297,9 +323,11 @@ impl Shard {
     fn maybe_sweep(&mut self, now: i64) {
         self.ops += 1;
         // A sweep visits every counter of the shard: at most one visit per 8 operations.
-        if self.ops >= SWEEP_EVERY.max(8 * self.counters.len() as u32) {
+        let len = self.counters.len() + self.spends.len();
+        if self.ops >= SWEEP_EVERY.max(8 * len as u32) {
             self.ops = 0;
             self.counters.retain(|_, c| c.idle_at > now);
+            self.spends.retain(|_, c| c.idle_at > now);
         }
     }
 }
@@ -568,7 +596,7 @@ impl MemoryLedger {
         let sinks = ids
             .iter()
             .filter_map(|id| {
-                let label = guard(&mut guards, *id).counters.get(id)?.label.as_ref()?;
+                let label = &guard(&mut guards, *id).spends.get(id)?.label;
                 Some(Label::clone(label))
             })
             .collect();
@@ -602,18 +630,15 @@ impl MemoryLedger {
             let shard = guard(&mut guards, *id);
             // A counter created here (restored spend, or one swept meanwhile) does not know
             // its window yet: it is kept until an operation tells it.
-            let counter = shard.counters.entry(*id).or_insert_with(|| Counter {
-                label: Some(Arc::new(sink.clone())),
-                state: State::Spend(Box::default()),
-                idle_at: i64::MAX,
-            });
-            if let State::Spend(spend) = &mut counter.state {
-                if let Some(d) = decision {
-                    spend.unreserve(d, at);
-                }
-                if cost.0 != 0 {
-                    spend.add_event(at, cost.0);
-                }
+            let counter = shard
+                .spends
+                .entry(*id)
+                .or_insert_with(|| SpendCounter::new(Arc::new(sink.clone()), i64::MAX));
+            if let Some(d) = decision {
+                counter.spend.unreserve(d, at);
+            }
+            if cost.0 != 0 {
+                counter.spend.add_event(at, cost.0);
             }
         }
     }
@@ -674,8 +699,10 @@ fn fresh_state(kind: &OpKind) -> State {
             algorithm: Algorithm::SlidingWindow,
             ..
         } => State::Sliding(Box::default()),
-        OpKind::Spend { .. } | OpKind::Forecast { .. } => State::Spend(Box::default()),
         OpKind::Lease { .. } => State::Leases(Vec::new()),
+        OpKind::Spend { .. } | OpKind::Forecast { .. } => {
+            unreachable!("spend counters are in their own table")
+        }
     }
 }
 
@@ -700,9 +727,6 @@ fn state_fits(state: &State, kind: &OpKind) -> bool {
                 algorithm: Algorithm::SlidingWindow,
                 ..
             }
-        ) | (
-            State::Spend(_),
-            OpKind::Spend { .. } | OpKind::Forecast { .. }
         ) | (State::Leases(_), OpKind::Lease { .. })
     )
 }
@@ -726,6 +750,68 @@ fn seed_leases(
         })
         .map(|(id, l)| (*id, l.expires_at))
         .collect()
+}
+
+/// Answers a spend or forecast operation on its counter's spend.
+fn evaluate_spend(spend: &mut Spend, op: &Op<'_>, now: i64) -> (OpResult, Effect) {
+    match &op.kind {
+        OpKind::Spend {
+            window_start,
+            window_ms,
+            limit,
+            amount,
+        } => {
+            let used =
+                spend.recorded_since(*window_start) + spend.reserved_since(*window_start, now);
+            let refused = crate::rules::budget::exceeds(Micros(clamp(used)), *amount, *limit);
+            // A refused non-enforcing operation still reserves when the plan commits.
+            let reserves = !refused || !op.enforcing;
+            let reserved = if reserves { amount.0 } else { 0 };
+            let remaining = clamp(i128::from(limit.0) - used - i128::from(reserved)).max(0);
+            let retry_after_ms = match window_ms {
+                Some(w) if refused && *window_start != i64::MIN => {
+                    spend.retry_after(*window_start, *w, now, used, amount.0, limit.0)
+                }
+                _ => None,
+            };
+            (
+                OpResult {
+                    granted: !refused,
+                    used: clamp(used),
+                    remaining,
+                    retry_after_ms,
+                },
+                Effect::Reserve {
+                    amount: amount.0,
+                    window_ms: *window_ms,
+                },
+            )
+        }
+        OpKind::Forecast {
+            lookback_ms,
+            monthly_budget,
+        } => {
+            let spent = spend.recorded_since(now - lookback_ms);
+            let lookback = i128::from(*lookback_ms);
+            // projected = spent / (lookback in days) * 30, compared without rounding.
+            let granted = spent * 30 * DAY_MS < i128::from(monthly_budget.0) * lookback;
+            let projected = (spent * 30 * DAY_MS / lookback) as i64;
+            (
+                OpResult {
+                    granted,
+                    used: projected,
+                    remaining: (monthly_budget.0 - projected).max(0),
+                    retry_after_ms: None,
+                },
+                Effect::Sink {
+                    window_ms: *lookback_ms,
+                },
+            )
+        }
+        OpKind::Rate { .. } | OpKind::Lease { .. } => {
+            unreachable!("only spend operations have spend counters")
+        }
+    }
 }
 
 fn evaluate(counter: &mut Counter, op: &Op<'_>, now: i64) -> (OpResult, Effect) {
@@ -838,65 +924,6 @@ fn evaluate(counter: &mut Counter, op: &Op<'_>, now: i64) -> (OpResult, Effect) 
                 )
             }
         }
-        (
-            State::Spend(spend),
-            OpKind::Spend {
-                window_start,
-                window_ms,
-                limit,
-                amount,
-            },
-        ) => {
-            let used =
-                spend.recorded_since(*window_start) + spend.reserved_since(*window_start, now);
-            let refused = crate::rules::budget::exceeds(Micros(clamp(used)), *amount, *limit);
-            // A refused non-enforcing operation still reserves when the plan commits.
-            let reserves = !refused || !op.enforcing;
-            let reserved = if reserves { amount.0 } else { 0 };
-            let remaining = clamp(i128::from(limit.0) - used - i128::from(reserved)).max(0);
-            let retry_after_ms = match window_ms {
-                Some(w) if refused && *window_start != i64::MIN => {
-                    spend.retry_after(*window_start, *w, now, used, amount.0, limit.0)
-                }
-                _ => None,
-            };
-            (
-                OpResult {
-                    granted: !refused,
-                    used: clamp(used),
-                    remaining,
-                    retry_after_ms,
-                },
-                Effect::Reserve {
-                    amount: amount.0,
-                    window_ms: *window_ms,
-                },
-            )
-        }
-        (
-            State::Spend(spend),
-            OpKind::Forecast {
-                lookback_ms,
-                monthly_budget,
-            },
-        ) => {
-            let spent = spend.recorded_since(now - lookback_ms);
-            let lookback = i128::from(*lookback_ms);
-            // projected = spent / (lookback in days) * 30, compared without rounding.
-            let granted = spent * 30 * DAY_MS < i128::from(monthly_budget.0) * lookback;
-            let projected = (spent * 30 * DAY_MS / lookback) as i64;
-            (
-                OpResult {
-                    granted,
-                    used: projected,
-                    remaining: (monthly_budget.0 - projected).max(0),
-                    retry_after_ms: None,
-                },
-                Effect::Sink {
-                    window_ms: *lookback_ms,
-                },
-            )
-        }
         (State::Leases(live), OpKind::Lease { max, .. }) => {
             live.retain(|(_, e)| e.is_none_or(|e| e > now));
             let n = live.len() as u64;
@@ -970,7 +997,11 @@ impl Ledger for MemoryLedger {
             let mut seen = 0i64;
             for op in &plan.ops {
                 let shard = guard(&mut guards, op.key.id);
-                if let Some(counter) = shard.counters.get(&op.key.id) {
+                if spends(&op.kind) {
+                    if let Some(counter) = shard.spends.get(&op.key.id) {
+                        seen ^= counter.touch();
+                    }
+                } else if let Some(counter) = shard.counters.get(&op.key.id) {
                     seen ^= counter.touch();
                 }
             }
@@ -981,8 +1012,17 @@ impl Ledger for MemoryLedger {
         let mut seeded: Vec<(u128, Vec<u128>)> = Vec::new();
         for op in &plan.ops {
             let shard = guard(&mut guards, op.key.id);
+            if spends(&op.kind) {
+                let counter = shard
+                    .spends
+                    .entry(op.key.id)
+                    .or_insert_with(|| SpendCounter::new(SpendSink::of(&op.key), now));
+                let (result, effect) = evaluate_spend(&mut counter.spend, op, now);
+                results.push(result);
+                effects.push(effect);
+                continue;
+            }
             let counter = shard.counters.entry(op.key.id).or_insert_with(|| Counter {
-                label: spends(&op.kind).then(|| SpendSink::of(&op.key)),
                 state: match (&op.kind, &lease_table) {
                     (OpKind::Lease { resource, .. }, Some(table)) => {
                         let live = seed_leases(table, &op.key, resource, now);
@@ -996,9 +1036,6 @@ impl Ledger for MemoryLedger {
             if !state_fits(&counter.state, &op.kind) {
                 // The rule changed type or algorithm under the same id: start afresh.
                 counter.state = fresh_state(&op.kind);
-                if spends(&op.kind) && counter.label.is_none() {
-                    counter.label = Some(SpendSink::of(&op.key));
-                }
             }
             let (result, effect) = evaluate(counter, op, now);
             results.push(result);
@@ -1031,6 +1068,33 @@ impl Ledger for MemoryLedger {
         // Drained, not consumed: a consumed `SmallVec` is moved into its iterator.
         for ((op, result), effect) in plan.ops.iter().zip(&results).zip(effects.drain(..)) {
             let shard = guard(&mut guards, op.key.id);
+            if let Effect::Reserve { .. } | Effect::Sink { .. } = effect {
+                let counter = shard.spends.get_mut(&op.key.id).expect("inserted above");
+                match effect {
+                    Effect::Reserve { amount, window_ms } => {
+                        let expires = now + plan.reservation_ttl_ms;
+                        if amount > 0 {
+                            counter.spend.reserve(Reservation {
+                                decision: plan.decision as u64,
+                                at: now,
+                                amount,
+                                expires,
+                            });
+                        }
+                        let horizon =
+                            window_ms.map_or(i64::MAX, |w| now.saturating_add(w).saturating_add(1));
+                        counter.idle_at = counter.idle_at.max(horizon).max(retain_until);
+                    }
+                    Effect::Sink { window_ms } => {
+                        counter.idle_at =
+                            counter.idle_at.max(now + window_ms + 1).max(retain_until);
+                    }
+                    _ => {}
+                }
+                sinks.push(op.key.id);
+                shard.maybe_sweep(now);
+                continue;
+            }
             let counter = shard.counters.get_mut(&op.key.id).expect("inserted above");
             match (effect, &mut counter.state) {
                 (
@@ -1060,25 +1124,6 @@ impl Ledger for MemoryLedger {
                 (Effect::SlidingPush { idle_at }, State::Sliding(stamps)) => {
                     stamps.push_back(now);
                     counter.idle_at = idle_at;
-                }
-                (Effect::Reserve { amount, window_ms }, State::Spend(spend)) => {
-                    let expires = now + plan.reservation_ttl_ms;
-                    if amount > 0 {
-                        spend.reserve(Reservation {
-                            decision: plan.decision as u64,
-                            at: now,
-                            amount,
-                            expires,
-                        });
-                    }
-                    let horizon =
-                        window_ms.map_or(i64::MAX, |w| now.saturating_add(w).saturating_add(1));
-                    counter.idle_at = counter.idle_at.max(horizon).max(retain_until);
-                    sinks.push(op.key.id);
-                }
-                (Effect::Sink { window_ms }, State::Spend(_)) => {
-                    counter.idle_at = counter.idle_at.max(now + window_ms + 1).max(retain_until);
-                    sinks.push(op.key.id);
                 }
                 (Effect::Lease, State::Leases(live)) => {
                     if let Some(lease) = &plan.lease
@@ -1133,14 +1178,11 @@ impl Ledger for MemoryLedger {
         now: i64,
     ) -> Result<Micros, LedgerError> {
         let mut shard = self.shards[shard_of(key.id)].lock();
-        Ok(match shard.counters.get_mut(&key.id) {
-            Some(Counter {
-                state: State::Spend(spend),
-                ..
-            }) => Micros(clamp(
+        Ok(match shard.spends.get_mut(&key.id) {
+            Some(SpendCounter { spend, .. }) => Micros(clamp(
                 spend.recorded_since(window_start) + spend.reserved_since(window_start, now),
             )),
-            _ => Micros::ZERO,
+            None => Micros::ZERO,
         })
     }
 
@@ -1187,13 +1229,7 @@ impl Ledger for MemoryLedger {
         let mut out = Vec::new();
         for shard in self.shards.iter() {
             let mut shard = shard.lock();
-            for counter in shard.counters.values_mut() {
-                let State::Spend(spend) = &mut counter.state else {
-                    continue;
-                };
-                let Some(label) = &counter.label else {
-                    continue;
-                };
+            for SpendCounter { label, spend, .. } in shard.spends.values_mut() {
                 if filter.is_some_and(|(d, v)| !label.has(d, v)) {
                     continue;
                 }
@@ -1226,6 +1262,52 @@ mod tests {
         fn decision_records(&self) -> usize {
             self.decisions.iter().map(|d| d.lock().records.len()).sum()
         }
+
+        /// Rate and lease counters, then spend counters, over every shard.
+        fn counter_counts(&self) -> (usize, usize) {
+            self.shards.iter().fold((0, 0), |(c, s), shard| {
+                let shard = shard.lock();
+                (c + shard.counters.len(), s + shard.spends.len())
+            })
+        }
+    }
+
+    /// Counters of keys that went idle (a full bucket, spend outside its window and no
+    /// decision record left to reach it) are swept as other keys are checked: memory
+    /// follows the active keys, in both tables.
+    #[test]
+    fn idle_counters_are_swept() {
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let ledger = Arc::new(MemoryLedger::new());
+        let engine = Engine::builder()
+            .clock(clock.clone())
+            .ledger(ledger.clone())
+            .build_from_text(
+                "reservation_ttl: 1m\npolicies: [{name: p, rules: [\
+                 {id: r, type: rate, limit: 1000, per: 1m, by: [user]},\
+                 {id: b, type: budget, limit_usd: 100, period: 'rolling:1m', by: [user]}]}]",
+            )
+            .unwrap();
+        let check = |user: usize| {
+            let mut request = Request::default();
+            request.subject.user = Some(format!("u{user}"));
+            request.estimate.cost_usd = Some(Micros(10_000));
+            assert!(engine.check(&request).allowed);
+        };
+        for user in 0..1_000 {
+            check(user);
+        }
+        assert_eq!(ledger.counter_counts(), (1_000, 1_000));
+        // Past the window, the bucket's refill and the records' retention (2 minutes).
+        clock.advance(10 * 60_000);
+        for i in 0..40_000 {
+            check(1_000 + i % 1_000);
+        }
+        let (rates, spends) = ledger.counter_counts();
+        assert!(
+            rates == 1_000 && spends == 1_000,
+            "{rates} rate and {spends} spend counters for 1,000 active users"
+        );
     }
 
     /// A token bucket's content survives its split into two halves: any `i128`, of
