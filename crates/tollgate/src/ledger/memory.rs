@@ -1,6 +1,7 @@
 //! The in-memory ledger: the default for the library and the CLI.
 //!
-//! Counters live in 64 shards, each behind its own lock, keyed by the 128-bit counter id.
+//! Counters live in 64 shards, each behind its own lock, keyed by the 128-bit counter id
+//! (in each shard, one table for rate and lease counters, one for spend counters).
 //! A plan locks the shards its operations touch in index order (so two plans never
 //! deadlock), answers every operation, and commits all or nothing before unlocking:
 //! unrelated keys do not contend, and a limit holds exactly under any number of threads.
@@ -210,10 +211,11 @@ impl Spend {
     }
 }
 
-/// A counter's state. Kept to 32 bytes, so that a counter with its id fills one cache
-/// line: the queues of spend and sliding-window counters live behind a box (100,000
-/// users' counters in 192-byte entries missed the cache on every line; `rule_costs`, a
-/// rate rule alone ≈ 700 → 500 ns a check, a budget alone ≈ 870 → 670 ns).
+/// A rate or lease counter's state. Kept to 32 bytes, so that a counter with its id fills
+/// one cache line: a sliding window's queue lives behind a box (100,000 users' counters
+/// in 192-byte entries missed the cache on every line; `rule_costs`, a rate rule alone ≈
+/// 700 → 500 ns a check). Spend counters, larger, are in a table of their own
+/// ([`SpendCounter`]).
 #[derive(Debug)]
 enum State {
     Bucket {
@@ -299,6 +301,29 @@ impl SpendCounter {
             idle_at,
             spend: Spend::default(),
         }
+    }
+
+    /// Commits a spend operation's effect: its reservation, if any, and how long the
+    /// counter must be kept (past its window, and as long as a record may reach it).
+    #[inline(always)]
+    fn commit(&mut self, effect: Effect, plan: &Plan<'_>, retain_until: i64) {
+        let now = plan.now;
+        let horizon = match effect {
+            Effect::Reserve { amount, window_ms } => {
+                if amount > 0 {
+                    self.spend.reserve(Reservation {
+                        decision: plan.decision as u64,
+                        at: now,
+                        amount,
+                        expires: now + plan.reservation_ttl_ms,
+                    });
+                }
+                window_ms.map_or(i64::MAX, |w| now.saturating_add(w).saturating_add(1))
+            }
+            Effect::Sink { window_ms } => now + window_ms + 1,
+            _ => unreachable!("only spend effects are committed to a spend counter"),
+        };
+        self.idle_at = self.idle_at.max(horizon).max(retain_until);
     }
 
     /// As [`Counter::touch`]: the entry's lines and both ends of its queues.
@@ -1070,27 +1095,7 @@ impl Ledger for MemoryLedger {
             let shard = guard(&mut guards, op.key.id);
             if let Effect::Reserve { .. } | Effect::Sink { .. } = effect {
                 let counter = shard.spends.get_mut(&op.key.id).expect("inserted above");
-                match effect {
-                    Effect::Reserve { amount, window_ms } => {
-                        let expires = now + plan.reservation_ttl_ms;
-                        if amount > 0 {
-                            counter.spend.reserve(Reservation {
-                                decision: plan.decision as u64,
-                                at: now,
-                                amount,
-                                expires,
-                            });
-                        }
-                        let horizon =
-                            window_ms.map_or(i64::MAX, |w| now.saturating_add(w).saturating_add(1));
-                        counter.idle_at = counter.idle_at.max(horizon).max(retain_until);
-                    }
-                    Effect::Sink { window_ms } => {
-                        counter.idle_at =
-                            counter.idle_at.max(now + window_ms + 1).max(retain_until);
-                    }
-                    _ => {}
-                }
+                counter.commit(effect, plan, retain_until);
                 sinks.push(op.key.id);
                 shard.maybe_sweep(now);
                 continue;
@@ -1272,22 +1277,28 @@ mod tests {
         }
     }
 
-    /// Counters of keys that went idle (a full bucket, spend outside its window and no
-    /// decision record left to reach it) are swept as other keys are checked: memory
-    /// follows the active keys, in both tables.
-    #[test]
-    fn idle_counters_are_swept() {
+    /// An engine on a memory ledger and a manual clock at 1,000 s.
+    fn engine_on(policy: &str) -> (Engine, Arc<ManualClock>, Arc<MemoryLedger>) {
         let clock = Arc::new(ManualClock::new(1_000_000));
         let ledger = Arc::new(MemoryLedger::new());
         let engine = Engine::builder()
             .clock(clock.clone())
             .ledger(ledger.clone())
-            .build_from_text(
-                "reservation_ttl: 1m\npolicies: [{name: p, rules: [\
-                 {id: r, type: rate, limit: 1000, per: 1m, by: [user]},\
-                 {id: b, type: budget, limit_usd: 100, period: 'rolling:1m', by: [user]}]}]",
-            )
+            .build_from_text(policy)
             .unwrap();
+        (engine, clock, ledger)
+    }
+
+    /// Counters of keys that went idle (a full bucket, spend outside its window and no
+    /// decision record left to reach it) are swept as other keys are checked: memory
+    /// follows the active keys, in both tables.
+    #[test]
+    fn idle_counters_are_swept() {
+        let (engine, clock, ledger) = engine_on(
+            "reservation_ttl: 1m\npolicies: [{name: p, rules: [\
+             {id: r, type: rate, limit: 1000, per: 1m, by: [user]},\
+             {id: b, type: budget, limit_usd: 100, period: 'rolling:1m', by: [user]}]}]",
+        );
         let check = |user: usize| {
             let mut request = Request::default();
             request.subject.user = Some(format!("u{user}"));
@@ -1408,15 +1419,9 @@ mod tests {
     /// stream of checks their number stays near what the retention holds.
     #[test]
     fn decision_records_are_swept_after_their_retention() {
-        let clock = Arc::new(ManualClock::new(1_000_000));
-        let ledger = Arc::new(MemoryLedger::new());
-        let engine = Engine::builder()
-            .clock(clock.clone())
-            .ledger(ledger.clone())
-            .build_from_text(
-                "policies: [{name: p, rules: [{id: b, type: budget, limit_usd: 1000000, period: day}]}]",
-            )
-            .unwrap();
+        let (engine, clock, ledger) = engine_on(
+            "policies: [{name: p, rules: [{id: b, type: budget, limit_usd: 1000000, period: day}]}]",
+        );
         let mut request = Request::default();
         request.estimate.cost_usd = Some(Micros(1));
         const PER_MINUTE: usize = 640;
