@@ -318,6 +318,8 @@ impl Ledger for RedisLedger {
                     window_ms,
                     limit,
                     amount,
+                    // Events stay one per decision here (a sorted set keyed by decision).
+                    span_ms: _,
                 } => call
                     .arg("sp")
                     .arg(enforcing)

@@ -4,7 +4,9 @@
 //! reservations and decision records lapse as they would, PREAMBLE=<yaml> to prefix each
 //! policy document, e.g. `reservation_ttl: 1s`, THRASH_KB=<kb> to write that much memory
 //! before each timed check, as a server's sockets and HTTP code do between two checks, and
-//! time the checks alone, on cold caches). Each line gives the time and allocations
+//! time the checks alone, on cold caches), RECORD=<micro-dollars> to record each decision
+//! at that cost right after its check, as a two-phase client does (the time is then a
+//! check's and its record's). Each line gives the time and allocations
 //! per check and the heap the timed checks left allocated, per check (what the ledger
 //! keeps: reservations and decision records until they lapse, with their queues' slack).
 
@@ -122,6 +124,7 @@ fn main() {
     rules.push(&all);
     let tick: i64 = env_number("TICK_MS", 0);
     let thrash_kb: usize = env_number("THRASH_KB", 0);
+    let record: Option<i64> = std::env::var("RECORD").ok().and_then(|v| v.parse().ok());
     let mut thrash = vec![0u8; thrash_kb * 1024];
     for r in rules
         .iter()
@@ -152,7 +155,12 @@ fn main() {
                 std::hint::black_box(e.check(r));
                 cold_checks += t.elapsed();
             } else {
-                std::hint::black_box(e.check(r));
+                let d = e.check(r);
+                if let Some(cost) = record {
+                    let id = d.decision_id.to_string();
+                    std::hint::black_box(e.record(&id, Micros(cost)).unwrap());
+                }
+                std::hint::black_box(d);
             }
         };
         for r in &reqs {

@@ -49,6 +49,7 @@ fn spend(rule: &'static str, limit: i64, amount: i64, enforcing: bool) -> Op<'st
             window_ms: None,
             limit: Micros(limit),
             amount: Micros(amount),
+            span_ms: 86_400_000,
         },
         enforcing,
     }
@@ -305,6 +306,7 @@ pub fn usage_lists_spend_counters_by_dimension(name: &str, l: &dyn Ledger) {
                 window_ms: Some(86_400_000),
                 limit: Micros(10),
                 amount: Micros(3),
+                span_ms: 86_400_000,
             },
             enforcing: true,
         };
@@ -339,6 +341,7 @@ fn windowed(rule: &'static str, window_start: i64, limit: i64, amount: i64) -> O
             window_ms: Some(3_600_000),
             limit: Micros(limit),
             amount: Micros(amount),
+            span_ms: 1,
         },
         enforcing: true,
     }

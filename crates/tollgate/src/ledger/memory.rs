@@ -37,8 +37,8 @@ const DAY_MS: i128 = 86_400_000;
 /// `i64::MAX` ([`clamp`]).
 #[derive(Debug, Default, Clone)]
 struct Spend {
-    /// Recorded spend by check time, sorted (several entries for one time when their sum
-    /// would not fit one).
+    /// Recorded spend by check time, sorted: one entry per `span` (at the latest time
+    /// recorded in it; several when their sum would not fit one).
     events: VecDeque<(i64, i64)>,
     events_sum: i128,
     /// Spend that fell out of every window but still counts for `total`.
@@ -57,6 +57,18 @@ struct Spend {
     /// a record then finds its reservation by a walk, not by bisection, until the queue
     /// empties.
     out_of_order: bool,
+    /// The span of time within which recorded spend is one to this counter's windows
+    /// (`OpKind::Spend::span_ms`; 0 or 1: exact), as the last operation gave it.
+    span: i64,
+}
+
+/// Whether two check times fall in the same `span` (aligned to the epoch).
+fn same_span(a: i64, b: i64, span: i64) -> bool {
+    if span <= 1 {
+        a == b
+    } else {
+        a.div_euclid(span) == b.div_euclid(span)
+    }
 }
 
 /// 32 bytes: one is kept per budget and unrecorded decision for the reservation TTL.
@@ -160,16 +172,54 @@ impl Spend {
         }
     }
 
+    /// Adds recorded spend at check time `at`: into the entry of its span when there is
+    /// one (which then stands at the later of the two times, so that a trailing window
+    /// that reads it after a policy edit counts it no shorter than it should), else as an
+    /// entry of its own. Records arrive in any order, so the span's entry may be before
+    /// or after `at`.
     fn add_event(&mut self, at: i64, amount: i64) {
+        let span = self.span;
         let i = self.events.partition_point(|&(t, _)| t <= at);
         let merged = match self.events.get_mut(i.wrapping_sub(1)) {
-            Some((t, sum)) if *t == at => sum.checked_add(amount).map(|s| *sum = s),
+            Some((t, sum)) if same_span(*t, at, span) => sum.checked_add(amount).map(|s| {
+                *sum = s;
+                *t = at;
+            }),
             _ => None,
-        };
+        }
+        .or_else(|| match self.events.get_mut(i) {
+            Some((t, sum)) if same_span(*t, at, span) => sum.checked_add(amount).map(|s| *sum = s),
+            _ => None,
+        });
         if merged.is_none() {
             self.events.insert(i, (at, amount));
         }
         self.events_sum += i128::from(amount);
+    }
+
+    /// Takes the span an operation gives. A wider one (spend restored before any
+    /// operation told the counter its window, which leaves it exact) folds the entries
+    /// that now share a span; a narrower one (a policy edit from a calendar period to a
+    /// trailing window) keeps the entries as they are, each at the latest time it holds.
+    fn set_span(&mut self, span: i64) {
+        if span == self.span {
+            return;
+        }
+        if span > self.span.max(1) {
+            let events = std::mem::take(&mut self.events);
+            for (at, amount) in events {
+                match self.events.back_mut() {
+                    Some((t, sum))
+                        if same_span(*t, at, span) && sum.checked_add(amount).is_some() =>
+                    {
+                        *sum += amount;
+                        *t = at;
+                    }
+                    _ => self.events.push_back((at, amount)),
+                }
+            }
+        }
+        self.span = span;
     }
 
     /// When enough spend leaves the trailing window for `amount` to fit under `limit`.
@@ -785,7 +835,9 @@ fn evaluate_spend(spend: &mut Spend, op: &Op<'_>, now: i64) -> (OpResult, Effect
             window_ms,
             limit,
             amount,
+            span_ms,
         } => {
+            spend.set_span(*span_ms);
             let used =
                 spend.recorded_since(*window_start) + spend.reserved_since(*window_start, now);
             let refused = crate::rules::budget::exceeds(Micros(clamp(used)), *amount, *limit);
@@ -816,6 +868,7 @@ fn evaluate_spend(spend: &mut Spend, op: &Op<'_>, now: i64) -> (OpResult, Effect
             lookback_ms,
             monthly_budget,
         } => {
+            spend.set_span(1);
             let spent = spend.recorded_since(now - lookback_ms);
             let lookback = i128::from(*lookback_ms);
             // projected = spent / (lookback in days) * 30, compared without rounding.
@@ -1260,8 +1313,9 @@ impl Ledger for MemoryLedger {
 mod tests {
     use std::sync::Arc;
 
-    use super::{DecisionRecord, Decisions, MemoryLedger, Reservation, Sinks, Spend};
-    use crate::{Engine, ManualClock, Micros, Request};
+    use super::{DecisionRecord, Decisions, MemoryLedger, Reservation, Sinks, Spend, SpendSink};
+    use crate::decision::Remaining;
+    use crate::{Engine, ManualClock, Micros, RecordOutcome, Request};
 
     impl MemoryLedger {
         fn decision_records(&self) -> usize {
@@ -1287,6 +1341,154 @@ mod tests {
             .build_from_text(policy)
             .unwrap();
         (engine, clock, ledger)
+    }
+
+    /// Recorded spend entries of every spend counter whose label names `rule`.
+    fn events_of(ledger: &MemoryLedger, rule: &str) -> Vec<(i64, i64)> {
+        let mut events = Vec::new();
+        for shard in &ledger.shards {
+            for c in shard.lock().spends.values() {
+                if c.label.rule == rule {
+                    events.extend(c.spend.events.iter().copied());
+                }
+            }
+        }
+        events
+    }
+
+    const DAY: i64 = 86_400_000;
+
+    /// A calendar budget keeps one entry of recorded spend a day, however many calls it
+    /// records and in whatever order; a trailing window keeps its times exact. Either way
+    /// what they report is the exact sum.
+    #[test]
+    fn calendar_spend_is_kept_by_the_day() {
+        let (engine, clock, ledger) = engine_on(
+            "policies: [{name: p, rules: [\
+             {id: monthly, type: budget, limit_usd: 1000, period: month},\
+             {id: hourly, type: budget, limit_usd: 1000, period: 'rolling:1h'}]}]",
+        );
+        // 2026-03-02T22:00Z, two hours before a midnight the calls cross.
+        let start = 1_772_488_800_000;
+        clock.set(start);
+        let mut request = Request::default();
+        request.estimate.cost_usd = Some(Micros(1));
+        // Checked in groups of ten (230 s), each recorded newest first: a record often
+        // lands before entries already there.
+        for group in 0..60 {
+            let mut ids = Vec::new();
+            for _ in 0..10 {
+                clock.advance(23_000);
+                let d = engine.check(&request);
+                assert!(d.allowed);
+                ids.push(d.decision_id.to_string());
+            }
+            for (i, id) in ids.iter().enumerate().rev() {
+                let cost = Micros(1_000 + group * 10 + i as i64);
+                assert_eq!(engine.record(id, cost).unwrap(), RecordOutcome::Recorded);
+            }
+        }
+        let monthly = events_of(&ledger, "monthly");
+        assert_eq!(
+            monthly.len(),
+            2,
+            "one entry for each of the two days: {monthly:?}"
+        );
+        let last_of_first_day = start + 23_000 * ((2 * 3_600_000) / 23_000);
+        assert_eq!(
+            monthly[0].0, last_of_first_day,
+            "an entry stands at its latest time"
+        );
+        let spent: i64 = (0..600).map(|i| 1_000 + i).sum();
+        let d = engine.check(&request);
+        let now = start + 23_000 * 600;
+        // This check's own estimate (1) is reserved on both.
+        let left = |spent: i64| Some(Remaining::Usd(Micros(1_000_000_000 - spent - 1)));
+        assert_eq!(d.remaining.get("monthly").cloned(), left(spent));
+        let in_hour: i64 = (0..600)
+            .filter(|i| start + 23_000 * (i + 1) >= now - 3_600_000)
+            .map(|i| 1_000 + i)
+            .sum();
+        assert!(in_hour < spent);
+        // A trailing window keeps every time (those before it are folded into one sum).
+        let hourly = events_of(&ledger, "hourly");
+        let times: Vec<i64> = (0..600)
+            .map(|i| start + 23_000 * (i + 1))
+            .filter(|&t| t >= now - 3_600_000)
+            .collect();
+        assert_eq!(hourly.iter().map(|e| e.0).collect::<Vec<_>>(), times);
+        assert_eq!(d.remaining.get("hourly").cloned(), left(in_hour));
+    }
+
+    /// Days are kept apart at midnight: a call a millisecond before it counts for the
+    /// day that admitted it, even when recorded after one admitted a millisecond later.
+    #[test]
+    fn a_day_budget_turns_at_midnight_exactly() {
+        let (engine, clock, ledger) = engine_on(
+            "policies: [{name: p, rules: [{id: daily, type: budget, limit_usd: 1, period: day}]}]",
+        );
+        let midnight = 1_772_496_000_000; // 2026-03-03T00:00Z
+        let mut request = Request::default();
+        request.estimate.cost_usd = Some(Micros(0));
+        clock.set(midnight - 1);
+        let before = engine.check(&request).decision_id.to_string();
+        clock.set(midnight);
+        let after = engine.check(&request).decision_id.to_string();
+        engine.record(&after, Micros(300_000)).unwrap();
+        engine.record(&before, Micros(600_000)).unwrap();
+        assert_eq!(
+            events_of(&ledger, "daily"),
+            vec![(midnight - 1, 600_000), (midnight, 300_000)]
+        );
+        request.estimate.cost_usd = Some(Micros(700_000));
+        assert!(
+            engine.check(&request).allowed,
+            "0.30 spent today: 0.70 fits"
+        );
+        request.estimate.cost_usd = Some(Micros(1));
+        assert!(
+            !engine.check(&request).allowed,
+            "now spent and reserved to the limit"
+        );
+    }
+
+    /// Spend restored before any check told the counter its window is kept exact, then
+    /// folded by the day once a calendar budget's operation reaches the counter.
+    #[test]
+    fn restored_spend_is_folded_when_its_window_is_known() {
+        use crate::ledger::Restore;
+        let ledger = Arc::new(MemoryLedger::new());
+        let sink = SpendSink {
+            policy: "p".into(),
+            rule: "monthly".into(),
+            by: Vec::new(),
+            values: Vec::new(),
+        };
+        let day = 1_772_409_600_000; // 2026-03-02T00:00Z
+        for i in 0..100 {
+            let sinks = std::slice::from_ref(&sink);
+            ledger
+                .restore_spend(i as u128, sinks, day + i * 600_000, Micros(5))
+                .unwrap();
+        }
+        assert_eq!(events_of(&ledger, "monthly").len(), 100);
+        let clock = Arc::new(ManualClock::new(day + DAY / 2));
+        let engine = Engine::builder()
+            .clock(clock)
+            .ledger(ledger.clone())
+            .build_from_text(
+                "policies: [{name: p, rules: [{id: monthly, type: budget, limit_usd: 1, period: month}]}]",
+            )
+            .unwrap();
+        let d = engine.check(&Request::default());
+        assert_eq!(
+            d.remaining.get("monthly"),
+            Some(&Remaining::Usd(Micros(1_000_000 - 500)))
+        );
+        assert_eq!(
+            events_of(&ledger, "monthly"),
+            vec![(day + 99 * 600_000, 500)]
+        );
     }
 
     /// Counters of keys that went idle (a full bucket, spend outside its window and no

@@ -230,6 +230,13 @@ pub enum OpKind {
         limit: Micros,
         /// The estimate to reserve.
         amount: Micros,
+        /// Recorded spend whose check times fall in one span of this many milliseconds
+        /// (aligned to the epoch) is one and the same to every window of this counter: a
+        /// UTC day for calendar periods and `total` (their windows start at midnight), one
+        /// millisecond for trailing windows. A ledger may keep such spend as one sum, at
+        /// the latest of its times, so that what a counter holds grows with the days of
+        /// its period, not with its calls.
+        span_ms: i64,
     },
     /// Read recorded spend in the trailing `lookback_ms` and refuse when the 30-day
     /// projection reaches `monthly_budget`. Reserves nothing; the decision's recorded

@@ -73,6 +73,16 @@ impl Period {
         }
     }
 
+    /// The span within which spend is the same to this period (see `OpKind::Spend`):
+    /// calendar periods and `total` start at midnight UTC, so a day; a trailing window
+    /// can start at any millisecond.
+    pub(crate) fn span_ms(self) -> i64 {
+        match self {
+            Period::Rolling(_) => 1,
+            Period::Day | Period::Week | Period::Month | Period::Total => Millis::DAY.0,
+        }
+    }
+
     /// The longest time an amount can count for (`None`: forever).
     pub(crate) fn longest_ms(self) -> Option<i64> {
         match self {
@@ -259,6 +269,7 @@ impl Budget {
                 window_ms: self.period.longest_ms(),
                 limit,
                 amount,
+                span_ms: self.period.span_ms(),
             },
             enforcing: self.on_exceeded == OnExceeded::Reject,
         })

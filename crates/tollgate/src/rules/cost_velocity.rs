@@ -47,6 +47,7 @@ impl CostVelocity {
                 window_ms: Some(self.window.0),
                 limit: self.limit,
                 amount: ctx.reserved_estimate(),
+                span_ms: 1,
             },
             enforcing: true,
         })
