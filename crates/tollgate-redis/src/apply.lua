@@ -6,7 +6,7 @@
 -- ARGV, flat (lib.rs; no JSON to decode on the hot path): now, commit (1/0), the number
 -- of operations, then per operation its type, enforcing (1/0) and
 --   tb/fw/sw: limit, per, burst
---   sp: limit, amount, window start (empty: total), window ms (empty: none), label
+--   sp: limit, amount, window start (empty: total), window ms (empty: none), label, span
 --   fc: lookback, monthly budget, label
 --   ls: max, resource, by (JSON), values (JSON)
 -- and last, unless every operation is a token bucket or a fixed window: the reservation
@@ -101,7 +101,7 @@ for i = 1, n do
   local t = ARGV[c + 1]
   at[i] = c
   if t == 'sp' then
-    c, has_spend, has_tables = c + 7, true, true
+    c, has_spend, has_tables = c + 8, true, true
   elseif t == 'fc' then
     c, has_spend, has_tables = c + 5, true, true
   elseif t == 'ls' then
@@ -128,8 +128,10 @@ if has_tables then
     if t == 'sp' then
       op.limit, op.amount = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
       op.ws, op.wms, op.label = tonumber(ARGV[b + 5]), tonumber(ARGV[b + 6]), ARGV[b + 7]
+      op.span = tonumber(ARGV[b + 8])
     elseif t == 'fc' then
       op.lookback, op.budget, op.label = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]), ARGV[b + 5]
+      op.span = 1
     else
       op.max, op.resource = tonumber(ARGV[b + 3]), ARGV[b + 4]
       op.by, op.values = cjson.decode(ARGV[b + 5]), cjson.decode(ARGV[b + 6])
@@ -152,8 +154,10 @@ if has_spend then
   -- earliest expiry of a live reservation; rlow, at most the time of the oldest one;
   -- lx, when the counter's keys lapse (their lifetimes are refreshed from it); and after
   -- a period turns while reservations are live, bsum, the sum of those made before bws
-  -- (kept as they are recorded or expire, so the turn is paid for once).
-  SPEND_FIELDS = {'esum', 'folded', 'rsum', 'elow', 'rexp', 'rlow', 'lx', 'bws', 'bsum'}
+  -- (kept as they are recorded or expire, so the turn is paid for once); and span, the
+  -- span within which recorded spend is one to the counter's windows (absent: 1), which
+  -- record.lua reads to keep such spend as one event.
+  SPEND_FIELDS = {'esum', 'folded', 'rsum', 'elow', 'rexp', 'rlow', 'lx', 'bws', 'bsum', 'span'}
 
   -- Calls f with the members of zset `key` scored in [min, max], a thousand at a time
   -- (Lua's unpack takes no more than a few thousand values), removing each batch after
@@ -177,7 +181,7 @@ if has_spend then
     local h = redis.call('HMGET', m, unpack(SPEND_FIELDS))
     local st = {esum = num(h[1]) or 0, folded = num(h[2]) or 0, rsum = num(h[3]) or 0,
       elow = num(h[4]), rexp = num(h[5]), rlow = num(h[6]), lx = num(h[7]),
-      bws = num(h[8]), bsum = num(h[9]),
+      bws = num(h[8]), bsum = num(h[9]), span = num(h[10]) or 1,
       new = h[1] == false and h[2] == false and h[3] == false}
     if ws ~= nil and st.elow ~= nil and st.elow < ws then
       each_batch(key .. ':ev', '-inf', '(' .. ws, true, function(old)
@@ -287,6 +291,10 @@ if has_spend then
       end
     elseif st.new then
       extra = {'label', op.label}
+    end
+    if op.span ~= st.span then
+      extra[#extra + 1] = 'span'
+      extra[#extra + 1] = int(op.span)
     end
     write_spend(key, st, extra)
     st.dirty = false

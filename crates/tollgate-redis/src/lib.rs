@@ -205,6 +205,7 @@ impl Restore for RedisLedger {
             for k in &keys {
                 inv.key(k);
             }
+            inv.key(self.decision(decision));
             inv.arg(&arg).invoke::<i64>(c)
         })
         .map(|_| ())
@@ -318,8 +319,7 @@ impl Ledger for RedisLedger {
                     window_ms,
                     limit,
                     amount,
-                    // Events stay one per decision here (a sorted set keyed by decision).
-                    span_ms: _,
+                    span_ms,
                 } => call
                     .arg("sp")
                     .arg(enforcing)
@@ -327,7 +327,8 @@ impl Ledger for RedisLedger {
                     .arg(amount.0)
                     .arg(optional(Some(*window_start).filter(|w| *w != i64::MIN)))
                     .arg(optional(*window_ms))
-                    .arg(label(&op.key)),
+                    .arg(label(&op.key))
+                    .arg(*span_ms),
                 OpKind::Forecast {
                     lookback_ms,
                     monthly_budget,

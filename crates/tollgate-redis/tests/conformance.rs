@@ -360,3 +360,88 @@ fn retry_after_walks_a_long_window_as_memory_does() {
     assert_eq!(r.retry_after_ms, m.retry_after_ms);
     cleanup(&url, "walk");
 }
+
+/// A calendar budget keeps one recorded event a day in Redis, however many calls it
+/// records (before: one per call until the period turned), and reports the exact sum.
+#[test]
+fn calendar_spend_is_one_event_a_day() {
+    let Some(url) = url() else { return };
+    let (engine, clock) = engine(
+        fresh(&url, "days"),
+        "policies: [{name: p, rules: [{id: monthly, type: budget, limit_usd: 1000, period: month}]}]",
+    );
+    // 2026-03-02T20:00Z: 2,000 calls a minute apart (until 05:20 two days later) cross
+    // two midnights.
+    clock.set(1_772_481_600_000);
+    let mut request = tollgate::Request::default();
+    request.estimate.cost_usd = Some(tollgate::Micros(1));
+    for i in 0..2_000 {
+        clock.advance(60_000);
+        let decision = engine.check(&request);
+        assert!(decision.allowed);
+        let cost = tollgate::Micros(1 + i % 7);
+        engine.record(&decision.decision_id, cost).unwrap();
+    }
+    let spent: i64 = (0..2_000).map(|i| 1 + i % 7).sum();
+    assert_eq!(
+        engine.usage(None).unwrap()[0].spent_usd,
+        tollgate::Micros(spent)
+    );
+    let mut c = connection(&url);
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*:ev", namespace("days")))
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let events: usize = redis::cmd("ZCARD").arg(&keys[0]).query(&mut c).unwrap();
+    let all: Vec<(String, i64)> = redis::cmd("ZRANGE")
+        .arg(&keys[0])
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(
+        events,
+        3,
+        "one event for each of the three days: {:?}…",
+        &all[..all.len().min(4)]
+    );
+    cleanup(&url, "days");
+}
+
+/// After a loss, a decision recorded since (kept in its day's event) is not counted
+/// again when the store replays it.
+#[test]
+fn a_decision_recorded_since_a_loss_is_not_restored_twice() {
+    use tollgate::ledger::{Restore, SpendSink};
+    let Some(url) = url() else { return };
+    let ledger = Arc::new(fresh(&url, "replay"));
+    let clock = Arc::new(tollgate::ManualClock::new(1_772_481_600_000));
+    let engine = tollgate::Engine::builder()
+        .clock(clock.clone())
+        .ledger(ledger.clone())
+        .build_from_text(
+            "policies: [{name: p, rules: [{id: monthly, type: budget, limit_usd: 1, period: month}]}]",
+        )
+        .unwrap();
+    let decision = engine.check(&tollgate::Request::default());
+    engine
+        .record(&decision.decision_id, tollgate::Micros(5))
+        .unwrap();
+    let id = u128::from_str_radix(&decision.decision_id.replace('-', ""), 16).unwrap();
+    let sink = SpendSink {
+        policy: "p".into(),
+        rule: "monthly".into(),
+        by: Vec::new(),
+        values: Vec::new(),
+    };
+    ledger
+        .restore_spend(id, &[sink], clock.now_ms(), tollgate::Micros(5))
+        .unwrap();
+    assert_eq!(
+        engine.usage(None).unwrap()[0].spent_usd,
+        tollgate::Micros(5)
+    );
+    cleanup(&url, "replay");
+}
