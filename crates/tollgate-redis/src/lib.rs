@@ -211,6 +211,27 @@ impl Restore for RedisLedger {
         .map(|_| ())
     }
 
+    fn restore_spend_day(
+        &self,
+        sink: &SpendSink,
+        last_at: i64,
+        cost: Micros,
+    ) -> Result<(), LedgerError> {
+        let values: Vec<&str> = sink.values.iter().map(String::as_str).collect();
+        let key = CounterKey::new(&sink.policy, &sink.rule, &sink.by, values);
+        let counter = self.counter(&key);
+        let day = last_at.div_euclid(86_400_000);
+        let arg = json!({"day": day.to_string(), "at": last_at, "cost": cost.0.to_string(), "labels": [label(&key)]}).to_string();
+        self.with(|c| {
+            self.restore
+                .prepare_invoke()
+                .key(&counter)
+                .arg(&arg)
+                .invoke::<i64>(c)
+        })
+        .map(|_| ())
+    }
+
     fn restore_lease(
         &self,
         id: u128,

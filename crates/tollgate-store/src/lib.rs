@@ -651,11 +651,14 @@ impl Store {
     }
 
     /// Live leases and every recorded spend, into a ledger (a fresh one at start-up, or
-    /// a shared one that lost its data).
+    /// a shared one that lost its data): spend checked from `exact_since` on call by
+    /// call, at exact times, and older spend as one sum a counter and day
+    /// ([`Engine::exact_spend_since`] says where the line goes for a policy).
     pub async fn replay_counters(
         &self,
         ledger: &(dyn Restore + Sync),
         now: i64,
+        exact_since: i64,
     ) -> Result<(), StoreError> {
         let leases = sqlx::query(self.sql("SELECT id, resource, subject, expires_at FROM leases WHERE expires_at IS NULL OR expires_at > ?"))
             .bind(now)
@@ -669,13 +672,29 @@ impl Store {
                 .restore_lease(id, &r.get::<String, _>(1), &subject, r.get(3))
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         }
+        let first_exact_day = exact_since.div_euclid(DAY_MS);
         // Streamed, not collected: a store holds every recorded call (a million of them
-        // collected took 2.7 GB). In check-time order, so that a ledger that keeps spend
-        // sorted by time appends it (in decision order, each one was inserted at random
-        // in a counter every call shares: half a minute to start). See ARCHITECTURE.md.
-        let mut rows = sqlx::query(
-            "SELECT s.decision_id, s.at, s.cost, k.policy, k.rule, k.dims, k.vals FROM spend s JOIN spend_sinks k ON k.decision_id = s.decision_id ORDER BY s.at, s.decision_id",
-        )
+        // collected took 2.7 GB). See ARCHITECTURE.md.
+        let mut days = sqlx::query(self.sql(
+            "SELECT policy, rule, dims, vals, cost, last_at FROM spend_days WHERE day < ? ORDER BY day",
+        ))
+        .bind(first_exact_day)
+        .fetch(&self.pool);
+        let mut day_rows = 0usize;
+        while let Some(r) = days.try_next().await? {
+            day_rows += 1;
+            let sink = spend_sink(&r, 0)?;
+            ledger
+                .restore_spend_day(&sink, r.get(5), Micros(r.get(4)))
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        }
+        // In check-time order, so that a ledger that keeps spend sorted by time appends it
+        // (in decision order, each one was inserted at random into spend every call
+        // shares, such as a forecast's).
+        let mut rows = sqlx::query(self.sql(
+            "SELECT s.decision_id, s.at, s.cost, k.policy, k.rule, k.dims, k.vals FROM spend s JOIN spend_sinks k ON k.decision_id = s.decision_id WHERE s.at >= ? ORDER BY s.at, s.decision_id",
+        ))
+        .bind(first_exact_day.saturating_mul(DAY_MS))
         .fetch(&self.pool);
         let mut current: Option<(String, i64, i64, Vec<SpendSink>)> = None;
         let mut sink_rows = 0usize;
@@ -690,19 +709,7 @@ impl Store {
             }
             let entry =
                 current.get_or_insert_with(|| (decision.clone(), r.get(1), r.get(2), Vec::new()));
-            let dims: Vec<String> = parse(&r.get::<String, _>(5))?;
-            entry.3.push(SpendSink {
-                policy: r.get(3),
-                rule: r.get(4),
-                by: dims
-                    .iter()
-                    .map(|d| {
-                        Dimension::parse(d)
-                            .ok_or_else(|| StoreError::Corrupt(format!("dimension `{d}`")))
-                    })
-                    .collect::<Result<_, _>>()?,
-                values: parse(&r.get::<String, _>(6))?,
-            });
+            entry.3.push(spend_sink(&r, 3)?);
         }
         if let Some((d, at, cost, sinks)) = current {
             ledger
@@ -711,11 +718,31 @@ impl Store {
         }
         tracing::info!(
             leases = leases.len(),
+            day_rows,
             spend_rows = sink_rows,
             "replayed leases and spend into the ledger"
         );
         Ok(())
     }
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+/// The counter named by columns `first..first + 4` of a row: policy, rule, dimensions and
+/// values (JSON).
+fn spend_sink(r: &AnyRow, first: usize) -> Result<SpendSink, StoreError> {
+    let dims: Vec<String> = parse(&r.get::<String, _>(first + 2))?;
+    Ok(SpendSink {
+        policy: r.get(first),
+        rule: r.get(first + 1),
+        by: dims
+            .iter()
+            .map(|d| {
+                Dimension::parse(d).ok_or_else(|| StoreError::Corrupt(format!("dimension `{d}`")))
+            })
+            .collect::<Result<_, _>>()?,
+        values: parse(&r.get::<String, _>(first + 3))?,
+    })
 }
 
 fn uuid_u128(text: &str) -> Result<u128, StoreError> {
@@ -808,12 +835,34 @@ async fn write_batch(
         }
         for s in &w.sinks {
             let dims: Vec<String> = s.by.iter().map(ToString::to_string).collect();
+            let (dims, vals) = (json(&dims)?, json(&s.values)?);
             sqlx::query(dialect(postgres, "INSERT INTO spend_sinks (decision_id, policy, rule, dims, vals) VALUES (?, ?, ?, ?, ?)"))
                 .bind(&w.decision)
                 .bind(&s.policy)
                 .bind(&s.rule)
-                .bind(json(&dims)?)
-                .bind(json(&s.values)?)
+                .bind(&dims)
+                .bind(&vals)
+                .execute(&mut *tx)
+                .await?;
+            let add_to_day = if postgres {
+                dialect(
+                    true,
+                    "INSERT INTO spend_days (policy, rule, dims, vals, day, cost, last_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (policy, rule, dims, vals, day) DO UPDATE SET cost = spend_days.cost + excluded.cost, last_at = GREATEST(spend_days.last_at, excluded.last_at)",
+                )
+            } else {
+                dialect(
+                    false,
+                    "INSERT INTO spend_days (policy, rule, dims, vals, day, cost, last_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (policy, rule, dims, vals, day) DO UPDATE SET cost = spend_days.cost + excluded.cost, last_at = max(spend_days.last_at, excluded.last_at)",
+                )
+            };
+            sqlx::query(add_to_day)
+                .bind(&s.policy)
+                .bind(&s.rule)
+                .bind(&dims)
+                .bind(&vals)
+                .bind(w.at.div_euclid(DAY_MS))
+                .bind(w.cost)
+                .bind(w.at)
                 .execute(&mut *tx)
                 .await?;
         }

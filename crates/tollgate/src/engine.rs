@@ -604,6 +604,34 @@ impl Engine {
         self.runs.read().get(id).map(|r| r.info.clone())
     }
 
+    /// The earliest check time (midnight UTC) from which a store must give back
+    /// recorded spend call by call, at exact times ([`Restore::restore_spend`]): every
+    /// trailing window of the policy and of the runs' snapshots lies after it, and so
+    /// does every check that may still be recorded (twice the reservation TTL), with a
+    /// day to spare. Spend checked before it may come back as one sum a counter and day
+    /// ([`Restore::restore_spend_day`]), which is all a calendar period or `total` reads.
+    /// A window lengthened by a later policy edit reads such sums at their latest time:
+    /// never less than was spent.
+    ///
+    /// [`Restore::restore_spend`]: crate::ledger::Restore::restore_spend
+    /// [`Restore::restore_spend_day`]: crate::ledger::Restore::restore_spend_day
+    pub fn exact_spend_since(&self, now: i64) -> i64 {
+        const DAY: i64 = 86_400_000;
+        let set = self.policy.load();
+        let mut longest = set
+            .longest_trailing_spend_window_ms()
+            .max(2 * set.reservation_ttl_ms());
+        for run in self.runs.read().values() {
+            longest = longest
+                .max(run.policy.longest_trailing_spend_window_ms())
+                .max(2 * run.policy.reservation_ttl_ms());
+        }
+        now.saturating_sub(longest)
+            .saturating_sub(DAY)
+            .div_euclid(DAY)
+            .saturating_mul(DAY)
+    }
+
     /// Spend counters (budgets, cost velocity, run budgets) with their limit, spend,
     /// reservations and what is left; only those keyed by `dimension=value` when given.
     pub fn usage(&self, filter: Option<(&str, &str)>) -> Result<Vec<UsageItem>, EngineError> {

@@ -190,11 +190,14 @@ async fn serve(options: ServeOptions) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     match &counters {
-        Counters::Memory(memory) => store
-            .replay_counters(memory.as_ref(), clock.now_ms())
-            .await
-            .map_err(|e| e.to_string())?,
-        Counters::Redis(redis) => rebuild_redis_if_lost(&store, redis, clock.now_ms())
+        Counters::Memory(memory) => {
+            let now = clock.now_ms();
+            store
+                .replay_counters(memory.as_ref(), now, engine.exact_spend_since(now))
+                .await
+                .map_err(|e| e.to_string())?
+        }
+        Counters::Redis(redis) => rebuild_redis_if_lost(&store, &engine, redis, clock.now_ms())
             .await
             .map_err(|e| format!("rebuilding Redis from the store: {e}"))?,
     }
@@ -224,12 +227,14 @@ async fn serve(options: ServeOptions) -> Result<(), String> {
     };
     let watcher = match &state.counters {
         Counters::Redis(redis) => {
-            let (store, redis, clock) =
-                (store.clone(), Arc::clone(redis), Arc::clone(&state.clock));
+            let (state, redis) = (Arc::clone(&state), Arc::clone(redis));
             Some(tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    if let Err(e) = rebuild_redis_if_lost(&store, &redis, clock.now_ms()).await {
+                    let now = state.clock.now_ms();
+                    if let Err(e) =
+                        rebuild_redis_if_lost(&state.store, &state.engine, &redis, now).await
+                    {
                         tracing::warn!(error = %e, "cannot rebuild Redis from the store yet");
                     }
                 }
@@ -262,14 +267,19 @@ async fn serve(options: ServeOptions) -> Result<(), String> {
 /// When Redis has lost this deployment's data (its `alive` marker is gone: a restart
 /// without persistence, a flush), one instance replays live leases and recorded spend
 /// from the store into it. Rate buckets start full; in-flight reservations are gone.
-async fn rebuild_redis_if_lost(store: &Store, redis: &RedisLedger, now: i64) -> Result<(), String> {
+async fn rebuild_redis_if_lost(
+    store: &Store,
+    engine: &Engine,
+    redis: &RedisLedger,
+    now: i64,
+) -> Result<(), String> {
     let lost = !tokio::task::block_in_place(|| redis.is_alive()).map_err(|e| e.to_string())?;
     if lost
         && tokio::task::block_in_place(|| redis.try_lock_rebuild()).map_err(|e| e.to_string())?
     {
         tracing::warn!("Redis holds no tollgate data: rebuilding leases and spend from the store");
         store
-            .replay_counters(redis, now)
+            .replay_counters(redis, now, engine.exact_spend_since(now))
             .await
             .map_err(|e| e.to_string())?;
         tokio::task::block_in_place(|| redis.mark_alive()).map_err(|e| e.to_string())?;

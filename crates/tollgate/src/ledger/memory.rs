@@ -1033,6 +1033,16 @@ impl Restore for MemoryLedger {
         Ok(())
     }
 
+    fn restore_spend_day(
+        &self,
+        sink: &SpendSink,
+        last_at: i64,
+        cost: Micros,
+    ) -> Result<(), LedgerError> {
+        self.add_spend(std::slice::from_ref(sink), None, last_at, cost);
+        Ok(())
+    }
+
     fn restore_lease(
         &self,
         id: u128,

@@ -371,6 +371,18 @@ pub trait Restore {
         cost: Micros,
     ) -> Result<(), LedgerError>;
 
+    /// Counts one counter's recorded spend of one UTC day again, as one sum at `last_at`,
+    /// the latest check time among it (a store keeps such sums for days before
+    /// [`Engine::exact_spend_since`](crate::Engine::exact_spend_since)). Restoring the
+    /// same counter and day twice must count it once (backends that keep state across
+    /// restores).
+    fn restore_spend_day(
+        &self,
+        sink: &SpendSink,
+        last_at: i64,
+        cost: Micros,
+    ) -> Result<(), LedgerError>;
+
     /// Holds a live lease again; quota counters seed themselves from it.
     fn restore_lease(
         &self,

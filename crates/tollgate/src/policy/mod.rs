@@ -93,6 +93,16 @@ impl std::fmt::Debug for PolicySet {
 }
 
 impl PolicySet {
+    /// The longest trailing window over which any rule reads recorded spend (0: none).
+    pub(crate) fn longest_trailing_spend_window_ms(&self) -> i64 {
+        self.policies
+            .iter()
+            .flat_map(|p| &p.rules)
+            .filter_map(Rule::trailing_spend_window_ms)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Reads, validates and compiles a YAML or JSON document.
     pub fn compile(text: &str) -> Result<PolicySet, PolicyErrors> {
         PolicySet::compile_with(text, &Registry::default())

@@ -244,6 +244,14 @@ impl Budget {
         self.period.window_start(now)
     }
 
+    /// The trailing window, for `rolling:<dur>` (calendar periods and `total` have none).
+    pub(crate) fn trailing_window_ms(&self) -> Option<i64> {
+        match self.period {
+            Period::Rolling(w) => Some(w.0),
+            _ => None,
+        }
+    }
+
     /// Whether this rule's downgrade takes effect in rule order (so later rules see the
     /// new model). The budget is read first; the reservation is made in the atomic apply.
     pub(crate) fn plan<'r>(&'r self, enforce: bool, ctx: &mut EvalCtx<'r>) -> Step<'r> {

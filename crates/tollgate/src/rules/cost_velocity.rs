@@ -58,6 +58,10 @@ impl CostVelocity {
         now - self.window.0
     }
 
+    pub(crate) fn window_ms(&self) -> i64 {
+        self.window.0
+    }
+
     pub(crate) fn limit(&self) -> Micros {
         self.limit
     }

@@ -20,6 +20,10 @@ pub(crate) struct Forecast {
 }
 
 impl Forecast {
+    pub(crate) fn lookback_ms(&self) -> i64 {
+        self.lookback.0
+    }
+
     pub(crate) fn parse(input: &mut RuleInput<'_, '_>) -> Option<Forecast> {
         let monthly_budget = input
             .required("monthly_budget_usd")

@@ -108,6 +108,17 @@ pub(crate) enum Step<'r> {
 }
 
 impl Rule {
+    /// The trailing window over which this rule reads recorded spend, if it has one
+    /// (calendar periods and `total` read whole UTC days).
+    pub(crate) fn trailing_spend_window_ms(&self) -> Option<i64> {
+        match &self.kind {
+            RuleKind::Budget(b) => b.trailing_window_ms(),
+            RuleKind::CostVelocity(v) => Some(v.window_ms()),
+            RuleKind::Forecast(f) => Some(f.lookback_ms()),
+            _ => None,
+        }
+    }
+
     /// The rule's own step: a verdict, or an operation for the ledger.
     pub(crate) fn step<'r>(&'r self, ctx: &mut EvalCtx<'r>) -> Step<'r> {
         match &self.kind {
