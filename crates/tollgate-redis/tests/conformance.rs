@@ -445,3 +445,40 @@ fn a_decision_recorded_since_a_loss_is_not_restored_twice() {
     );
     cleanup(&url, "replay");
 }
+
+/// A day of spend given back as one sum (the store's older days) counts once however
+/// often it is replayed, and reads like the calls it sums for a calendar budget.
+#[test]
+fn a_day_sum_is_restored_once() {
+    use tollgate::ledger::{Restore, SpendSink};
+    let Some(url) = url() else { return };
+    let ledger = Arc::new(fresh(&url, "day-sum"));
+    let clock = Arc::new(tollgate::ManualClock::new(1_772_481_600_000));
+    let engine = tollgate::Engine::builder()
+        .clock(clock.clone())
+        .ledger(ledger.clone())
+        .build_from_text(
+            "policies: [{name: p, rules: [{id: monthly, type: budget, limit_usd: 1, period: month}]}]",
+        )
+        .unwrap();
+    let sink = SpendSink {
+        policy: "p".into(),
+        rule: "monthly".into(),
+        by: Vec::new(),
+        values: Vec::new(),
+    };
+    let yesterday = clock.now_ms() - 86_400_000;
+    for _ in 0..2 {
+        ledger
+            .restore_spend_day(&sink, yesterday, tollgate::Micros(400_000))
+            .unwrap();
+    }
+    let decision = engine.check(&tollgate::Request::default());
+    assert_eq!(
+        decision.remaining.get("monthly"),
+        Some(&tollgate::decision::Remaining::Usd(tollgate::Micros(
+            600_000
+        )))
+    );
+    cleanup(&url, "day-sum");
+}
