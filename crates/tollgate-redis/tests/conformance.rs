@@ -410,13 +410,17 @@ fn calendar_spend_is_one_event_a_day() {
     cleanup(&url, "days");
 }
 
-/// After a loss, a decision recorded since (kept in its day's event) is not counted
-/// again when the store replays it.
-#[test]
-fn a_decision_recorded_since_a_loss_is_not_restored_twice() {
-    use tollgate::ledger::{Restore, SpendSink};
-    let Some(url) = url() else { return };
-    let ledger = Arc::new(fresh(&url, "replay"));
+/// A 1-dollar month budget over a fresh Redis ledger (kept, to restore into it) on a
+/// manual clock at 2026-03-02T20:00Z.
+fn monthly_budget(
+    url: &str,
+    test: &str,
+) -> (
+    Arc<RedisLedger>,
+    tollgate::Engine,
+    Arc<tollgate::ManualClock>,
+) {
+    let ledger = Arc::new(fresh(url, test));
     let clock = Arc::new(tollgate::ManualClock::new(1_772_481_600_000));
     let engine = tollgate::Engine::builder()
         .clock(clock.clone())
@@ -425,17 +429,32 @@ fn a_decision_recorded_since_a_loss_is_not_restored_twice() {
             "policies: [{name: p, rules: [{id: monthly, type: budget, limit_usd: 1, period: month}]}]",
         )
         .unwrap();
+    (ledger, engine, clock)
+}
+
+/// The counter of that budget, as the store names it.
+fn monthly_sink() -> tollgate::ledger::SpendSink {
+    tollgate::ledger::SpendSink {
+        policy: "p".into(),
+        rule: "monthly".into(),
+        by: Vec::new(),
+        values: Vec::new(),
+    }
+}
+
+/// After a loss, a decision recorded since (kept in its day's event) is not counted
+/// again when the store replays it.
+#[test]
+fn a_decision_recorded_since_a_loss_is_not_restored_twice() {
+    use tollgate::ledger::Restore;
+    let Some(url) = url() else { return };
+    let (ledger, engine, clock) = monthly_budget(&url, "replay");
     let decision = engine.check(&tollgate::Request::default());
     engine
         .record(&decision.decision_id, tollgate::Micros(5))
         .unwrap();
     let id = u128::from_str_radix(&decision.decision_id.replace('-', ""), 16).unwrap();
-    let sink = SpendSink {
-        policy: "p".into(),
-        rule: "monthly".into(),
-        by: Vec::new(),
-        values: Vec::new(),
-    };
+    let sink = monthly_sink();
     ledger
         .restore_spend(id, &[sink], clock.now_ms(), tollgate::Micros(5))
         .unwrap();
@@ -450,23 +469,10 @@ fn a_decision_recorded_since_a_loss_is_not_restored_twice() {
 /// often it is replayed, and reads like the calls it sums for a calendar budget.
 #[test]
 fn a_day_sum_is_restored_once() {
-    use tollgate::ledger::{Restore, SpendSink};
+    use tollgate::ledger::Restore;
     let Some(url) = url() else { return };
-    let ledger = Arc::new(fresh(&url, "day-sum"));
-    let clock = Arc::new(tollgate::ManualClock::new(1_772_481_600_000));
-    let engine = tollgate::Engine::builder()
-        .clock(clock.clone())
-        .ledger(ledger.clone())
-        .build_from_text(
-            "policies: [{name: p, rules: [{id: monthly, type: budget, limit_usd: 1, period: month}]}]",
-        )
-        .unwrap();
-    let sink = SpendSink {
-        policy: "p".into(),
-        rule: "monthly".into(),
-        by: Vec::new(),
-        values: Vec::new(),
-    };
+    let (ledger, engine, clock) = monthly_budget(&url, "day-sum");
+    let sink = monthly_sink();
     let yesterday = clock.now_ms() - 86_400_000;
     for _ in 0..2 {
         ledger
