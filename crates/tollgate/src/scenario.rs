@@ -200,6 +200,11 @@ struct Runner {
     failures: Vec<String>,
 }
 
+/// The most times one step may repeat: a million checks take a second or two; a
+/// `repeat` of 2^63 would never end (found by `tests/no_panic.rs`, which ran one for
+/// 20 minutes).
+const MAX_REPEAT: i64 = 1_000_000;
+
 const STEP_KINDS: &[&str] = &[
     "check",
     "acquire",
@@ -257,8 +262,11 @@ impl Runner {
         let expect = step.get("expect").map(Node::to_json);
         let repeat = match step.get("repeat").map(|r| &r.value) {
             None => 1,
-            Some(Value::Int(r)) if *r >= 1 => *r as usize,
-            Some(_) => return self.failed(n, kind, "`repeat` is a whole number >= 1".into()),
+            Some(Value::Int(r)) if (1..=MAX_REPEAT).contains(r) => *r as usize,
+            Some(_) => {
+                let msg = format!("`repeat` is a whole number from 1 to {MAX_REPEAT}");
+                return self.failed(n, kind, msg);
+            }
         };
         for rep in 0..repeat {
             let label = if repeat > 1 {
@@ -547,6 +555,20 @@ mod tests {
             "{:?}",
             out[0].failures
         );
+    }
+
+    #[test]
+    fn a_repeat_past_a_million_is_refused_before_running() {
+        for repeat in ["1000001", "9223372036854775807", "0", "-1", "2.5"] {
+            let text =
+                format!("name: t\npolicy: {{}}\nsteps:\n  - check: {{}}\n    repeat: {repeat}\n");
+            let out = run_text(&text, &|_| Err("no files".into()));
+            assert!(
+                out[0].failures[0].contains("`repeat` is a whole number from 1 to 1000000"),
+                "{repeat}: {:?}",
+                out[0].failures
+            );
+        }
     }
 
     #[test]
