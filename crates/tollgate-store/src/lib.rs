@@ -683,43 +683,51 @@ impl Store {
         let mut day_rows = 0usize;
         while let Some(r) = days.try_next().await? {
             day_rows += 1;
-            let sink = spend_sink(&r, 0)?;
+            let sink = spend_sink(
+                &r.get::<String, _>(0),
+                &r.get::<String, _>(1),
+                &r.get::<String, _>(2),
+                &r.get::<String, _>(3),
+            )?;
             ledger
                 .restore_spend_day(&sink, r.get(5), Micros(r.get(4)))
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         }
         // In check-time order, so that a ledger that keeps spend sorted by time appends it
         // (in decision order, each one was inserted at random into spend every call
-        // shares, such as a forecast's).
-        let mut rows = sqlx::query(self.sql(
-            "SELECT s.decision_id, s.at, s.cost, k.policy, k.rule, k.dims, k.vals FROM spend s JOIN spend_sinks k ON k.decision_id = s.decision_id WHERE s.at >= ? ORDER BY s.at, s.decision_id",
-        ))
-        .bind(first_exact_day.saturating_mul(DAY_MS))
-        .fetch(&self.pool);
-        let mut current: Option<(String, i64, i64, Vec<SpendSink>)> = None;
-        let mut sink_rows = 0usize;
+        // shares, such as a forecast's); a row per decision with its counters as JSON, not
+        // a row per counter: each row crosses from SQLite's thread to this one, and that
+        // hand-off was most of the replay's time. Grouped by time first, so that SQLite
+        // reads from `spend_at` (by decision first, it scanned every call ever stored).
+        let calls = if self.postgres {
+            "SELECT s.decision_id, s.at, s.cost, json_agg(json_build_array(k.policy, k.rule, k.dims, k.vals))::text FROM spend s JOIN spend_sinks k ON k.decision_id = s.decision_id WHERE s.at >= ? GROUP BY s.at, s.decision_id, s.cost ORDER BY s.at, s.decision_id"
+        } else {
+            "SELECT s.decision_id, s.at, s.cost, json_group_array(json_array(k.policy, k.rule, k.dims, k.vals)) FROM spend s JOIN spend_sinks k ON k.decision_id = s.decision_id WHERE s.at >= ? GROUP BY s.at, s.decision_id, s.cost ORDER BY s.at, s.decision_id"
+        };
+        let mut rows = sqlx::query(self.sql(calls))
+            .bind(first_exact_day.saturating_mul(DAY_MS))
+            .fetch(&self.pool);
+        let mut call_rows = 0usize;
         while let Some(r) = rows.try_next().await? {
-            sink_rows += 1;
-            let decision: String = r.get(0);
-            if current.as_ref().is_some_and(|c| c.0 != decision) {
-                let (d, at, cost, sinks) = current.take().expect("checked");
-                ledger
-                    .restore_spend(uuid_u128(&d)?, &sinks, at, Micros(cost))
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            }
-            let entry =
-                current.get_or_insert_with(|| (decision.clone(), r.get(1), r.get(2), Vec::new()));
-            entry.3.push(spend_sink(&r, 3)?);
-        }
-        if let Some((d, at, cost, sinks)) = current {
+            call_rows += 1;
+            let counters: Vec<[String; 4]> = parse(&r.get::<String, _>(3))?;
+            let sinks = counters
+                .iter()
+                .map(|[policy, rule, dims, vals]| spend_sink(policy, rule, dims, vals))
+                .collect::<Result<Vec<_>, _>>()?;
             ledger
-                .restore_spend(uuid_u128(&d)?, &sinks, at, Micros(cost))
+                .restore_spend(
+                    uuid_u128(&r.get::<String, _>(0))?,
+                    &sinks,
+                    r.get(1),
+                    Micros(r.get(2)),
+                )
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         }
         tracing::info!(
             leases = leases.len(),
             day_rows,
-            spend_rows = sink_rows,
+            call_rows,
             "replayed leases and spend into the ledger"
         );
         Ok(())
@@ -728,20 +736,19 @@ impl Store {
 
 const DAY_MS: i64 = 86_400_000;
 
-/// The counter named by columns `first..first + 4` of a row: policy, rule, dimensions and
-/// values (JSON).
-fn spend_sink(r: &AnyRow, first: usize) -> Result<SpendSink, StoreError> {
-    let dims: Vec<String> = parse(&r.get::<String, _>(first + 2))?;
+/// A counter as the store names it: policy, rule, and its dimensions and values as JSON.
+fn spend_sink(policy: &str, rule: &str, dims: &str, vals: &str) -> Result<SpendSink, StoreError> {
+    let dims: Vec<String> = parse(dims)?;
     Ok(SpendSink {
-        policy: r.get(first),
-        rule: r.get(first + 1),
+        policy: policy.to_string(),
+        rule: rule.to_string(),
         by: dims
             .iter()
             .map(|d| {
                 Dimension::parse(d).ok_or_else(|| StoreError::Corrupt(format!("dimension `{d}`")))
             })
             .collect::<Result<_, _>>()?,
-        values: parse(&r.get::<String, _>(first + 3))?,
+        values: parse(vals)?,
     })
 }
 
