@@ -449,3 +449,44 @@ fn an_estimate_reserves_at_most_the_largest_recordable_cost() {
         Micros::MAX_RECORDED
     );
 }
+
+/// The line before which a store may give spend back by the day lies before every
+/// trailing window that can still read it: the policy's, a run's snapshot's after the
+/// policy changed, and twice the reservation TTL (a late record), with a day to spare.
+#[test]
+fn exact_spend_since_covers_the_policy_the_runs_and_late_records() {
+    const DAY: i64 = 86_400_000;
+    // 2026-03-02T13:00Z
+    let now = 1_772_456_400_000;
+    let midnight = |t: i64| t.div_euclid(DAY) * DAY;
+    let engine = Engine::builder()
+        .clock(Arc::new(ManualClock::new(now)))
+        .build_from_text(
+            "reservation_ttl: 1h\npolicies: [{name: p, rules: [\
+             {id: v, type: cost_velocity, limit_usd: 1, window: 10d}]}]",
+        )
+        .unwrap();
+    assert_eq!(engine.exact_spend_since(now), midnight(now - 11 * DAY));
+    engine
+        .create_run(RunSpec {
+            id: Some("r".into()),
+            ..RunSpec::default()
+        })
+        .unwrap();
+    // The run keeps its 10-day window after the policy drops it.
+    engine
+        .replace_policy("reservation_ttl: 1h\npolicies: [{name: p, rules: [{id: m, type: budget, limit_usd: 1, period: month}]}]")
+        .unwrap();
+    assert_eq!(engine.exact_spend_since(now), midnight(now - 11 * DAY));
+    // Without trailing windows: late records (2 × TTL) and a day.
+    let calendar = Engine::builder()
+        .clock(Arc::new(ManualClock::new(now)))
+        .build_from_text(
+            "reservation_ttl: 20h\npolicies: [{name: p, rules: [{id: m, type: budget, limit_usd: 1, period: month}]}]",
+        )
+        .unwrap();
+    assert_eq!(
+        calendar.exact_spend_since(now),
+        midnight(now - 40 * 3_600_000 - DAY)
+    );
+}
