@@ -25,6 +25,7 @@ use serde::Serializer as _;
 use serde_json::{Value, json};
 
 use tollgate::Micros;
+use tollgate::duration::Millis;
 use tollgate::ledger::{
     Algorithm, Apply, CounterKey, Ledger, LedgerError, OpKind, OpResult, OpResults, Plan,
     RecordOutcome, Restore, SpendSink, SpendUsage,
@@ -109,6 +110,13 @@ impl RedisLedger {
         counter_key(&self.prefix, key)
     }
 
+    /// The key and label of a counter a recorded cost names.
+    fn sink_counter(&self, sink: &SpendSink) -> (String, String) {
+        let values: Vec<&str> = sink.values.iter().map(String::as_str).collect();
+        let key = CounterKey::new(&sink.policy, &sink.rule, &sink.by, values);
+        (self.counter(&key), label(&key))
+    }
+
     fn decision(&self, id: u128) -> String {
         format!("{}:d:{id:032x}", self.prefix)
     }
@@ -191,14 +199,8 @@ impl Restore for RedisLedger {
         at: i64,
         cost: Micros,
     ) -> Result<(), LedgerError> {
-        let mut keys = Vec::with_capacity(sinks.len());
-        let mut labels = Vec::with_capacity(sinks.len());
-        for s in sinks {
-            let values: Vec<&str> = s.values.iter().map(String::as_str).collect();
-            let key = CounterKey::new(&s.policy, &s.rule, &s.by, values);
-            keys.push(self.counter(&key));
-            labels.push(label(&key));
-        }
+        let (keys, labels): (Vec<String>, Vec<String>) =
+            sinks.iter().map(|s| self.sink_counter(s)).unzip();
         let arg = json!({"decision": format!("{decision:032x}"), "at": at, "cost": cost.0.to_string(), "labels": labels}).to_string();
         self.with(|c| {
             let mut inv = self.restore.prepare_invoke();
@@ -217,11 +219,9 @@ impl Restore for RedisLedger {
         last_at: i64,
         cost: Micros,
     ) -> Result<(), LedgerError> {
-        let values: Vec<&str> = sink.values.iter().map(String::as_str).collect();
-        let key = CounterKey::new(&sink.policy, &sink.rule, &sink.by, values);
-        let counter = self.counter(&key);
-        let day = last_at.div_euclid(86_400_000);
-        let arg = json!({"day": day.to_string(), "at": last_at, "cost": cost.0.to_string(), "labels": [label(&key)]}).to_string();
+        let (counter, label) = self.sink_counter(sink);
+        let day = last_at.div_euclid(Millis::DAY.0);
+        let arg = json!({"day": day.to_string(), "at": last_at, "cost": cost.0.to_string(), "labels": [label]}).to_string();
         self.with(|c| {
             self.restore
                 .prepare_invoke()

@@ -734,7 +734,7 @@ impl Store {
     }
 }
 
-const DAY_MS: i64 = 86_400_000;
+const DAY_MS: i64 = tollgate::duration::Millis::DAY.0;
 
 /// A counter as the store names it: policy, rule, and its dimensions and values as JSON.
 fn spend_sink(policy: &str, rule: &str, dims: &str, vals: &str) -> Result<SpendSink, StoreError> {
@@ -851,17 +851,11 @@ async fn write_batch(
                 .bind(&vals)
                 .execute(&mut *tx)
                 .await?;
-            let add_to_day = if postgres {
-                dialect(
-                    true,
-                    "INSERT INTO spend_days (policy, rule, dims, vals, day, cost, last_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (policy, rule, dims, vals, day) DO UPDATE SET cost = spend_days.cost + excluded.cost, last_at = GREATEST(spend_days.last_at, excluded.last_at)",
-                )
-            } else {
-                dialect(
-                    false,
-                    "INSERT INTO spend_days (policy, rule, dims, vals, day, cost, last_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (policy, rule, dims, vals, day) DO UPDATE SET cost = spend_days.cost + excluded.cost, last_at = max(spend_days.last_at, excluded.last_at)",
-                )
-            };
+            // The later time without MAX/GREATEST, which the two dialects spell apart.
+            let add_to_day = dialect(
+                postgres,
+                "INSERT INTO spend_days (policy, rule, dims, vals, day, cost, last_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (policy, rule, dims, vals, day) DO UPDATE SET cost = spend_days.cost + excluded.cost, last_at = CASE WHEN excluded.last_at > spend_days.last_at THEN excluded.last_at ELSE spend_days.last_at END",
+            );
             sqlx::query(add_to_day)
                 .bind(&s.policy)
                 .bind(&s.rule)

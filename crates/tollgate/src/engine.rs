@@ -616,7 +616,7 @@ impl Engine {
     /// [`Restore::restore_spend`]: crate::ledger::Restore::restore_spend
     /// [`Restore::restore_spend_day`]: crate::ledger::Restore::restore_spend_day
     pub fn exact_spend_since(&self, now: i64) -> i64 {
-        const DAY: i64 = 86_400_000;
+        const DAY: i64 = Millis::DAY.0;
         let set = self.policy.load();
         let mut longest = set
             .longest_trailing_spend_window_ms()
