@@ -266,26 +266,27 @@ pub(crate) fn decide(
         if let Some(when) = &rule.when {
             match ctx.eval(when) {
                 Ok(true) => {}
+                // Skips and errors only ever add to the trace.
                 Ok(false) => {
-                    let why = if explain {
-                        format!("`when` is false: {}", when.source)
-                    } else {
-                        String::new()
-                    };
-                    entries.push(Entry {
-                        rule,
-                        verdict: Some(Verdict::Skip(why.into())),
-                        op: None,
-                    });
+                    if explain {
+                        let why = format!("`when` is false: {}", when.source);
+                        entries.push(Entry {
+                            rule,
+                            verdict: Some(Verdict::Skip(why.into())),
+                            op: None,
+                        });
+                    }
                     continue;
                 }
                 Err(e) => {
-                    let why = format!("`when` failed, counted as false: {e}");
-                    entries.push(Entry {
-                        rule,
-                        verdict: Some(Verdict::Error(why)),
-                        op: None,
-                    });
+                    if explain {
+                        let why = format!("`when` failed, counted as false: {e}");
+                        entries.push(Entry {
+                            rule,
+                            verdict: Some(Verdict::Error(why)),
+                            op: None,
+                        });
+                    }
                     continue;
                 }
             }
@@ -298,6 +299,12 @@ pub(crate) fn decide(
                     ctx.set_model(to);
                 }
                 let denies = matches!(v, Verdict::Deny { .. }) && rule.mode == Mode::Enforce;
+                // A pass, a skip or an error only adds to the trace: unexplained, the
+                // entry would be built and dropped for nothing (most rules pass).
+                if !explain && matches!(v, Verdict::Pass(_) | Verdict::Skip(_) | Verdict::Error(_))
+                {
+                    continue;
+                }
                 entries.push(Entry {
                     rule,
                     verdict: Some(v),

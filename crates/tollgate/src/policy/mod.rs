@@ -216,6 +216,12 @@ impl PolicySet {
             .is_some_and(|p| p.allow_on_backend_error)
     }
 
+    /// Whether the document declares any setting (without one, every decision's
+    /// `settings` is empty, whatever the overrides).
+    pub(crate) fn declares_settings(&self) -> bool {
+        !self.settings.is_empty()
+    }
+
     /// Every defined setting for a subject, given the policies that apply (evaluation
     /// order) and the overrides.
     pub(crate) fn resolve_settings(
