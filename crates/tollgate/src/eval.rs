@@ -291,7 +291,7 @@ pub(crate) fn decide(
                 }
             }
         }
-        match rule.step(&mut ctx) {
+        match rule.step(&mut ctx, &mut plan.ops) {
             Step::Verdict(v) => {
                 if let Verdict::Downgrade { to, .. } = &v
                     && rule.mode == Mode::Enforce
@@ -316,14 +316,14 @@ pub(crate) fn decide(
                     break;
                 }
             }
-            Step::Op(mut op) => {
-                op.enforcing &= rule.mode == Mode::Enforce;
+            Step::Planned => {
+                let index = plan.ops.len() - 1;
+                plan.ops[index].enforcing &= rule.mode == Mode::Enforce;
                 entries.push(Entry {
                     rule,
                     verdict: None,
-                    op: Some(plan.ops.len()),
+                    op: Some(index),
                 });
-                plan.ops.push(op);
             }
         }
     }

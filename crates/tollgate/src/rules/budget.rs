@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use crate::decision::Code;
 use crate::duration::Millis;
 use crate::eval::EvalCtx;
-use crate::ledger::{Op, OpKind, OpResult};
+use crate::ledger::{Op, OpKind, OpResult, Ops};
 use crate::money::Micros;
 use crate::policy::reader;
 use crate::request::Dimension;
@@ -254,7 +254,12 @@ impl Budget {
 
     /// Whether this rule's downgrade takes effect in rule order (so later rules see the
     /// new model). The budget is read first; the reservation is made in the atomic apply.
-    pub(crate) fn plan<'r>(&'r self, enforce: bool, ctx: &mut EvalCtx<'r>) -> Step<'r> {
+    pub(crate) fn plan<'r>(
+        &'r self,
+        enforce: bool,
+        ctx: &mut EvalCtx<'r>,
+        ops: &mut Ops<'r>,
+    ) -> Step<'r> {
         let key = match ctx.key(&self.by) {
             Ok(k) => k,
             Err(skip) => return Step::Verdict(Verdict::Skip(skip.into())),
@@ -270,17 +275,20 @@ impl Budget {
         {
             ctx.set_model(to);
         }
-        Step::Op(Op {
-            key,
-            kind: OpKind::Spend {
-                window_start,
-                window_ms: self.period.longest_ms(),
-                limit,
-                amount,
-                span_ms: self.period.span_ms(),
-            },
-            enforcing: self.on_exceeded == OnExceeded::Reject,
-        })
+        {
+            ops.push(Op {
+                key,
+                kind: OpKind::Spend {
+                    window_start,
+                    window_ms: self.period.longest_ms(),
+                    limit,
+                    amount,
+                    span_ms: self.period.span_ms(),
+                },
+                enforcing: self.on_exceeded == OnExceeded::Reject,
+            });
+            Step::Planned
+        }
     }
 
     pub(crate) fn judge(&self, op: &Op<'_>, result: &OpResult, explain: bool) -> Verdict<'_> {

@@ -4,7 +4,7 @@
 use crate::decision::Code;
 use crate::duration::Millis;
 use crate::eval::EvalCtx;
-use crate::ledger::{Op, OpKind, OpResult};
+use crate::ledger::{Op, OpKind, OpResult, Ops};
 use crate::money::Micros;
 use crate::policy::reader;
 use crate::request::Dimension;
@@ -35,22 +35,25 @@ impl CostVelocity {
         })
     }
 
-    pub(crate) fn plan<'r>(&'r self, ctx: &mut EvalCtx<'r>) -> Step<'r> {
+    pub(crate) fn plan<'r>(&'r self, ctx: &mut EvalCtx<'r>, ops: &mut Ops<'r>) -> Step<'r> {
         let key = match ctx.key(&self.by) {
             Ok(k) => k,
             Err(skip) => return Step::Verdict(Verdict::Skip(skip.into())),
         };
-        Step::Op(Op {
-            key,
-            kind: OpKind::Spend {
-                window_start: ctx.now - self.window.0,
-                window_ms: Some(self.window.0),
-                limit: self.limit,
-                amount: ctx.reserved_estimate(),
-                span_ms: 1,
-            },
-            enforcing: true,
-        })
+        {
+            ops.push(Op {
+                key,
+                kind: OpKind::Spend {
+                    window_start: ctx.now - self.window.0,
+                    window_ms: Some(self.window.0),
+                    limit: self.limit,
+                    amount: ctx.reserved_estimate(),
+                    span_ms: 1,
+                },
+                enforcing: true,
+            });
+            Step::Planned
+        }
     }
 
     /// The window is the rule's own; spend is read through [`EvalCtx::window_start`].

@@ -4,7 +4,7 @@
 use crate::decision::Code;
 use crate::duration::Millis;
 use crate::eval::EvalCtx;
-use crate::ledger::{Op, OpKind, OpResult};
+use crate::ledger::{Op, OpKind, OpResult, Ops};
 use crate::money::Micros;
 use crate::policy::reader;
 use crate::request::Dimension;
@@ -40,16 +40,19 @@ impl Forecast {
         })
     }
 
-    pub(crate) fn plan<'r>(&'r self, ctx: &mut EvalCtx<'r>) -> Step<'r> {
+    pub(crate) fn plan<'r>(&'r self, ctx: &mut EvalCtx<'r>, ops: &mut Ops<'r>) -> Step<'r> {
         match ctx.key(&self.by) {
-            Ok(key) => Step::Op(Op {
-                key,
-                kind: OpKind::Forecast {
-                    lookback_ms: self.lookback.0,
-                    monthly_budget: self.monthly_budget,
-                },
-                enforcing: true,
-            }),
+            Ok(key) => {
+                ops.push(Op {
+                    key,
+                    kind: OpKind::Forecast {
+                        lookback_ms: self.lookback.0,
+                        monthly_budget: self.monthly_budget,
+                    },
+                    enforcing: true,
+                });
+                Step::Planned
+            }
             Err(skip) => Step::Verdict(Verdict::Skip(skip.into())),
         }
     }

@@ -3,7 +3,7 @@
 
 use crate::decision::Code;
 use crate::eval::EvalCtx;
-use crate::ledger::{Op, OpKind, OpResult};
+use crate::ledger::{Op, OpKind, OpResult, Ops};
 use crate::policy::reader;
 use crate::request::Dimension;
 
@@ -33,7 +33,7 @@ impl Quota {
         })
     }
 
-    pub(crate) fn plan<'r>(&'r self, ctx: &mut EvalCtx<'r>) -> Step<'r> {
+    pub(crate) fn plan<'r>(&'r self, ctx: &mut EvalCtx<'r>, ops: &mut Ops<'r>) -> Step<'r> {
         if !ctx.acquire {
             return Step::Verdict(Verdict::Skip("not an acquire".into()));
         }
@@ -43,14 +43,17 @@ impl Quota {
             ));
         }
         match ctx.key(&self.by) {
-            Ok(key) => Step::Op(Op {
-                key,
-                kind: OpKind::Lease {
-                    resource: self.resource.clone(),
-                    max: self.max,
-                },
-                enforcing: true,
-            }),
+            Ok(key) => {
+                ops.push(Op {
+                    key,
+                    kind: OpKind::Lease {
+                        resource: self.resource.clone(),
+                        max: self.max,
+                    },
+                    enforcing: true,
+                });
+                Step::Planned
+            }
             Err(skip) => Step::Verdict(Verdict::Skip(skip.into())),
         }
     }

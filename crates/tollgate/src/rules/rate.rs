@@ -3,7 +3,7 @@
 use crate::decision::Code;
 use crate::duration::Millis;
 use crate::eval::EvalCtx;
-use crate::ledger::{Algorithm, Op, OpKind, OpResult};
+use crate::ledger::{Algorithm, Op, OpKind, OpResult, Ops};
 use crate::policy::reader;
 use crate::request::Dimension;
 
@@ -64,18 +64,21 @@ impl Rate {
         })
     }
 
-    pub(crate) fn plan<'r>(&'r self, ctx: &mut EvalCtx<'r>) -> Step<'r> {
+    pub(crate) fn plan<'r>(&'r self, ctx: &mut EvalCtx<'r>, ops: &mut Ops<'r>) -> Step<'r> {
         match ctx.key(&self.by) {
-            Ok(key) => Step::Op(Op {
-                key,
-                kind: OpKind::Rate {
-                    algorithm: self.algorithm,
-                    limit: self.limit,
-                    per_ms: self.per.0,
-                    burst: self.burst,
-                },
-                enforcing: true,
-            }),
+            Ok(key) => {
+                ops.push(Op {
+                    key,
+                    kind: OpKind::Rate {
+                        algorithm: self.algorithm,
+                        limit: self.limit,
+                        per_ms: self.per.0,
+                        burst: self.burst,
+                    },
+                    enforcing: true,
+                });
+                Step::Planned
+            }
             Err(skip) => Step::Verdict(Verdict::Skip(skip.into())),
         }
     }
