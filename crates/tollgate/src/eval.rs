@@ -291,6 +291,7 @@ pub(crate) fn decide(
                 }
             }
         }
+        let planned_before = plan.ops.len();
         match rule.step(&mut ctx, &mut plan.ops) {
             Step::Verdict(v) => {
                 if let Verdict::Downgrade { to, .. } = &v
@@ -317,7 +318,8 @@ pub(crate) fn decide(
                 }
             }
             Step::Planned => {
-                let index = plan.ops.len() - 1;
+                debug_assert_eq!(plan.ops.len(), planned_before + 1, "one operation a rule");
+                let index = planned_before;
                 plan.ops[index].enforcing &= rule.mode == Mode::Enforce;
                 entries.push(Entry {
                     rule,

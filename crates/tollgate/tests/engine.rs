@@ -490,3 +490,91 @@ fn exact_spend_since_covers_the_policy_the_runs_and_late_records() {
         midnight(now - 40 * 3_600_000 - DAY)
     );
 }
+
+/// An explained decision is the plain one with a trace: the walk keeps what it needs to
+/// explain only when asked (passes, skips and expression errors add nothing else), so
+/// the two must agree on everything else, request after request, over every kind of
+/// verdict and mode.
+#[test]
+fn an_explained_decision_is_the_plain_one_with_a_trace() {
+    const POLICY: &str = r#"
+settings: {size: {type: integer, default: 8, min: 1, max: 64}}
+pricing: {big: {input: 10, output: 10}, small: {input: 1, output: 1}}
+policies:
+  - name: p
+    guardrails: [g]
+    rules:
+      - {id: skipped, type: rate, limit: 1, per: 1m, by: [key]}
+      - {id: off, type: max_cost_per_request, limit_usd: 0.000001, when: 'labels.plan == "never"'}
+      - {id: broken, type: max_cost_per_request, limit_usd: 0.000001, when: 'labels.nope == "1"'}
+      - {id: failing, type: expression, deny_if: 'labels.missing == "x"'}
+      - {id: to-small, type: downgrade, to: small, when: 'labels.plan == "trial"'}
+      - {id: rpm, type: rate, limit: 3, per: 1m, by: [user]}
+      - {id: soft, type: rate, limit: 1, per: 1m, by: [user], mode: alert}
+      - {id: quiet, type: rate, limit: 1, per: 1m, by: [user], mode: shadow}
+      - {id: monthly, type: budget, limit_usd: 0.05, period: month, by: [user], alert_at: 0.5, on_exceeded: downgrade, downgrade_to: small}
+      - {id: team, type: budget, limit_usd: 0.04, period: day, by: [team]}
+      - {id: velocity, type: cost_velocity, limit_usd: 1, window: 1h, by: [team]}
+      - {id: no-big, type: restrict_models, deny: [huge]}
+      - {id: cap, type: max_cost_per_request, limit_usd: 0.03}
+      - {id: soft-cap, type: max_cost_per_request, limit_usd: 0.015, mode: alert}
+      - {id: quiet-cap, type: max_cost_per_request, limit_usd: 0.015, mode: shadow}
+"#;
+    let engine = |clock: Arc<ManualClock>| {
+        Engine::builder()
+            .clock(clock)
+            .build_from_text(POLICY)
+            .unwrap()
+    };
+    let (plain_clock, explained_clock) = (
+        Arc::new(ManualClock::new(1_767_225_600_000)),
+        Arc::new(ManualClock::new(1_767_225_600_000)),
+    );
+    let (plain, explained) = (engine(plain_clock.clone()), engine(explained_clock.clone()));
+    for e in [&plain, &explained] {
+        e.set_setting("team:t1", "size", json!(16)).unwrap();
+    }
+    let comparable = |d: &tollgate::Decision| {
+        let mut v = serde_json::to_value(d).unwrap();
+        let o = v.as_object_mut().unwrap();
+        o.remove("decision_id");
+        o.remove("trace");
+        v
+    };
+    let mut outcomes = std::collections::BTreeSet::new();
+    for i in 0..40 {
+        let r = request(json!({
+            "subject": {"user": format!("u{}", i % 3), "team": format!("t{}", i % 2)},
+            "model": if i % 7 == 0 { "huge" } else { "big" },
+            "labels": {"plan": if i % 4 == 0 { "trial" } else { "pro" }},
+            "estimate": {"input_tokens": 1000 + 500 * (i % 3), "output_tokens": 200},
+        }));
+        let (a, b) = (plain.check(&r), explained.check_explained(&r));
+        assert_eq!(comparable(&a), comparable(&b), "request {i}: {r:?}");
+        assert!(a.trace.is_empty() && !b.trace.is_empty());
+        outcomes.extend(b.trace.iter().map(|t| t.outcome.clone()));
+        outcomes.insert(format!("{:?}", a.code));
+        for c in [&plain_clock, &explained_clock] {
+            c.advance(2_000);
+        }
+    }
+    // The sequence went through every kind of verdict it is meant to compare.
+    for expected in [
+        "pass",
+        "skip",
+        "error",
+        "deny",
+        "alert",
+        "shadow_deny",
+        "downgrade",
+        "Allowed",
+        "RateLimited",
+        "BudgetExceeded",
+        "PolicyDenied",
+    ] {
+        assert!(
+            outcomes.contains(expected),
+            "no `{expected}` in {outcomes:?}"
+        );
+    }
+}

@@ -275,20 +275,18 @@ impl Budget {
         {
             ctx.set_model(to);
         }
-        {
-            ops.push(Op {
-                key,
-                kind: OpKind::Spend {
-                    window_start,
-                    window_ms: self.period.longest_ms(),
-                    limit,
-                    amount,
-                    span_ms: self.period.span_ms(),
-                },
-                enforcing: self.on_exceeded == OnExceeded::Reject,
-            });
-            Step::Planned
-        }
+        ops.push(Op {
+            key,
+            kind: OpKind::Spend {
+                window_start,
+                window_ms: self.period.longest_ms(),
+                limit,
+                amount,
+                span_ms: self.period.span_ms(),
+            },
+            enforcing: self.on_exceeded == OnExceeded::Reject,
+        });
+        Step::Planned
     }
 
     pub(crate) fn judge(&self, op: &Op<'_>, result: &OpResult, explain: bool) -> Verdict<'_> {

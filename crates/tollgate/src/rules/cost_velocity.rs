@@ -40,20 +40,18 @@ impl CostVelocity {
             Ok(k) => k,
             Err(skip) => return Step::Verdict(Verdict::Skip(skip.into())),
         };
-        {
-            ops.push(Op {
-                key,
-                kind: OpKind::Spend {
-                    window_start: ctx.now - self.window.0,
-                    window_ms: Some(self.window.0),
-                    limit: self.limit,
-                    amount: ctx.reserved_estimate(),
-                    span_ms: 1,
-                },
-                enforcing: true,
-            });
-            Step::Planned
-        }
+        ops.push(Op {
+            key,
+            kind: OpKind::Spend {
+                window_start: ctx.now - self.window.0,
+                window_ms: Some(self.window.0),
+                limit: self.limit,
+                amount: ctx.reserved_estimate(),
+                span_ms: 1,
+            },
+            enforcing: true,
+        });
+        Step::Planned
     }
 
     /// The window is the rule's own; spend is read through [`EvalCtx::window_start`].

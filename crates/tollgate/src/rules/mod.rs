@@ -106,6 +106,7 @@ pub(crate) enum Verdict<'r> {
 /// through two `memcpy` calls on its way there.
 pub(crate) enum Step<'r> {
     Verdict(Verdict<'r>),
+    /// The rule pushed exactly one operation onto the plan.
     Planned,
 }
 
