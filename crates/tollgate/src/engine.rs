@@ -624,15 +624,15 @@ impl Engine {
     /// [`Restore::restore_spend_day`]: crate::ledger::Restore::restore_spend_day
     pub fn exact_spend_since(&self, now: i64) -> i64 {
         const DAY: i64 = Millis::DAY.0;
-        let set = self.policy.load();
-        let mut longest = set
-            .longest_trailing_spend_window_ms()
-            .max(2 * set.reservation_ttl_ms());
-        for run in self.runs.read().values() {
-            longest = longest
-                .max(run.policy.longest_trailing_spend_window_ms())
-                .max(2 * run.policy.reservation_ttl_ms());
-        }
+        let (set, runs) = (self.policy.load(), self.runs.read());
+        let longest = std::iter::once(&**set)
+            .chain(runs.values().map(|run| &*run.policy))
+            .map(|p| {
+                p.longest_trailing_spend_window_ms()
+                    .max(2 * p.reservation_ttl_ms())
+            })
+            .max()
+            .unwrap_or(0);
         now.saturating_sub(longest)
             .saturating_sub(DAY)
             .div_euclid(DAY)

@@ -180,16 +180,16 @@ impl Spend {
     fn add_event(&mut self, at: i64, amount: i64) {
         let span = self.span;
         let i = self.events.partition_point(|&(t, _)| t <= at);
-        let merged = match self.events.get_mut(i.wrapping_sub(1)) {
-            Some((t, sum)) if same_span(*t, at, span) => sum.checked_add(amount).map(|s| {
-                *sum = s;
-                *t = at;
-            }),
-            _ => None,
-        }
-        .or_else(|| match self.events.get_mut(i) {
-            Some((t, sum)) if same_span(*t, at, span) => sum.checked_add(amount).map(|s| *sum = s),
-            _ => None,
+        let events = &mut self.events;
+        // The entry before `at`, then the one after it.
+        let merged = [i.wrapping_sub(1), i].into_iter().find_map(|j| {
+            let (t, sum) = events.get_mut(j)?;
+            if !same_span(*t, at, span) {
+                return None;
+            }
+            *sum = sum.checked_add(amount)?;
+            *t = (*t).max(at);
+            Some(())
         });
         if merged.is_none() {
             self.events.insert(i, (at, amount));
@@ -1366,7 +1366,7 @@ mod tests {
         events
     }
 
-    const DAY: i64 = 86_400_000;
+    const DAY: i64 = crate::duration::Millis::DAY.0;
 
     /// A calendar budget keeps one entry of recorded spend a day, however many calls it
     /// records and in whatever order; a trailing window keeps its times exact. Either way
