@@ -112,9 +112,10 @@ async fn two_instances_share_exact_limits_and_fail_closed_without_redis() {
         if d["policy_version"] == 2 {
             break;
         }
+        // a hang guard with room for a loaded CI machine; a notification takes milliseconds
         assert!(
-            t.elapsed() < Duration::from_secs(1),
-            "B did not pick up the policy within 1 s"
+            t.elapsed() < Duration::from_secs(5),
+            "B did not pick up the policy within 5 s"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -503,49 +503,26 @@ impl Store {
         Ok(changed)
     }
 
-    /// Follows the other instances (PostgreSQL): `LISTEN`s for changes and, as a
-    /// fallback, checks every second; runs until the process stops. Returns at once on
-    /// SQLite (one instance).
-    pub async fn follow(&self, engine: &Engine) {
-        if !self.postgres {
-            return;
-        }
-        loop {
-            let mut listener = match sqlx::postgres::PgListener::connect(&self.url).await {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for changes; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            };
-            if let Err(e) = listener.listen(CHANGES_CHANNEL).await {
-                tracing::warn!(error = %e, "LISTEN failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-            loop {
-                let woke = tokio::select! {
-                    n = listener.recv() => match n {
-                        Ok(_) => true,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "the change listener lost its connection; reconnecting");
-                            break;
-                        }
-                    },
-                    () = tokio::time::sleep(Duration::from_secs(1)) => false,
-                };
-                match self.sync(engine).await {
-                    Ok(true) => tracing::info!(
-                        version = engine.policy().version(),
-                        notified = woke,
-                        "picked up a new policy version"
-                    ),
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!(error = %e, "cannot catch up with the store"),
-                }
-            }
-        }
+    /// Subscribes to the other instances' changes (PostgreSQL: `LISTEN`). Call it before
+    /// loading the engine from the store and before serving, so that no change committed
+    /// after the load goes unnoticed: its notification waits in the subscription until
+    /// [`ChangeFeed::follow`] reads it. On SQLite (one instance) the feed is empty.
+    pub async fn change_feed(&self) -> Result<ChangeFeed, StoreError> {
+        let listener = if self.postgres {
+            Some(self.listen().await?)
+        } else {
+            None
+        };
+        Ok(ChangeFeed {
+            store: self.clone(),
+            listener,
+        })
+    }
+
+    async fn listen(&self) -> Result<sqlx::postgres::PgListener, StoreError> {
+        let mut listener = sqlx::postgres::PgListener::connect(&self.url).await?;
+        listener.listen(CHANGES_CHANNEL).await?;
+        Ok(listener)
     }
 
     // ---- leases ------------------------------------------------------------------------
@@ -870,4 +847,79 @@ async fn write_batch(
     }
     tx.commit().await?;
     Ok(())
+}
+
+/// The other instances' changes, subscribed to (see [`Store::change_feed`]).
+pub struct ChangeFeed {
+    store: Store,
+    listener: Option<sqlx::postgres::PgListener>,
+}
+
+/// Why [`ChangeFeed::wait`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// Another instance notified a change.
+    Notified,
+    /// A second passed without one (the fallback poll).
+    Timer,
+    /// The subscription was lost and made again; changes may have been missed.
+    Resubscribed,
+    /// There is nothing to follow (SQLite, one instance).
+    Nothing,
+}
+
+impl ChangeFeed {
+    /// Waits for the next reason to catch up with the store: a notification, or a
+    /// second without one. Resubscribes (retrying every second) when the connection
+    /// drops.
+    pub async fn wait(&mut self) -> Wake {
+        let Some(listener) = self.listener.as_mut() else {
+            return Wake::Nothing;
+        };
+        tokio::select! {
+            n = listener.recv() => match n {
+                Ok(_) => Wake::Notified,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the change listener lost its connection; reconnecting");
+                    self.listener = Some(self.resubscribe().await);
+                    Wake::Resubscribed
+                }
+            },
+            () = tokio::time::sleep(Duration::from_secs(1)) => Wake::Timer,
+        }
+    }
+
+    /// Keeps `engine` on the store's latest policy version and settings, catching up
+    /// after every [`wait`](Self::wait). Runs until the process stops; returns at once on
+    /// SQLite.
+    pub async fn follow(mut self, engine: &Engine) {
+        loop {
+            let wake = self.wait().await;
+            if wake == Wake::Nothing {
+                return;
+            }
+            match self.store.sync(engine).await {
+                Ok(true) => tracing::info!(
+                    version = engine.policy().version(),
+                    ?wake,
+                    "picked up a new policy version"
+                ),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot catch up with the store"),
+            }
+        }
+    }
+
+    /// Subscribes again, retrying every second until it can.
+    async fn resubscribe(&self) -> sqlx::postgres::PgListener {
+        loop {
+            match self.store.listen().await {
+                Ok(l) => return l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for changes; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
 }

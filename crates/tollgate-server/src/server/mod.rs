@@ -185,6 +185,8 @@ async fn serve(options: ServeOptions) -> Result<(), String> {
         .clock(clock.clone())
         .ledger(engine_ledger)
         .build(empty);
+    // Subscribed before the load, so a change another instance makes meanwhile is seen.
+    let changes = store.change_feed().await.map_err(|e| e.to_string())?;
     let restored = store
         .restore_engine(&engine)
         .await
@@ -223,7 +225,7 @@ async fn serve(options: ServeOptions) -> Result<(), String> {
     });
     let follower = {
         let state = Arc::clone(&state);
-        tokio::spawn(async move { state.store.follow(&state.engine).await })
+        tokio::spawn(async move { changes.follow(&state.engine).await })
     };
     let watcher = match &state.counters {
         Counters::Redis(redis) => {
