@@ -124,6 +124,9 @@ fn init_logging() {
         .try_init();
 }
 
+/// How often the metrics recorder drains what it holds (see [`metrics_upkeep`]).
+const METRICS_UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn metrics_recorder() -> Result<PrometheusHandle, String> {
     PrometheusBuilder::new()
         .set_buckets_for_metric(
@@ -136,6 +139,18 @@ fn metrics_recorder() -> Result<PrometheusHandle, String> {
         .map_err(|e| e.to_string())?
         .install_recorder()
         .map_err(|e| format!("cannot install the metrics recorder: {e}"))
+}
+
+/// Drains the recorder every [`METRICS_UPKEEP`]: a histogram keeps every sample it is
+/// given until a scrape or an upkeep folds them into its buckets, so without this a
+/// server nobody scrapes grew by each decision's latency sample (8 bytes a check, about
+/// 2 GB an hour at 70,000 checks a second).
+async fn metrics_upkeep(handle: PrometheusHandle) {
+    let mut every = tokio::time::interval(METRICS_UPKEEP);
+    loop {
+        every.tick().await;
+        handle.run_upkeep();
+    }
 }
 
 async fn serve(options: ServeOptions) -> Result<(), String> {
@@ -227,6 +242,7 @@ async fn serve(options: ServeOptions) -> Result<(), String> {
         let state = Arc::clone(&state);
         tokio::spawn(async move { changes.follow(&state.engine).await })
     };
+    let upkeep = tokio::spawn(metrics_upkeep(state.metrics.clone()));
     let watcher = match &state.counters {
         Counters::Redis(redis) => {
             let (state, redis) = (Arc::clone(&state), Arc::clone(redis));
@@ -258,6 +274,7 @@ async fn serve(options: ServeOptions) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     // In-flight requests have finished; every acknowledged write is committed already.
     follower.abort();
+    upkeep.abort();
     if let Some(w) = watcher {
         w.abort();
     }
