@@ -17,6 +17,8 @@
 # the ratio of the totals beside it. Each line also gives the server's own CPU time per
 # request (from /proc), the part of the cost a change to the server moves, as user + system
 # time: the system part is mostly loopback TCP, including waking wrk for each response.
+# The last line gives the server's resident memory before and after the rounds: with
+# bench/policy-empty.yaml, what a check leaves behind apart from the ledger.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-2}"
@@ -72,6 +74,10 @@ if [ "$warm_requests" -lt 100000 ]; then
   echo "note: the warm-up checked $warm_requests requests, fewer than the 100,000 users" >&2
 fi
 
+# The server's resident memory, in kB: what it keeps per request shows as growth.
+rss_kb() { awk '/^VmRSS/ { print $2 }' "/proc/$pid/status"; }
+rss_start="$(rss_kb)"
+
 ratios=()
 trivial_total=0
 check_total=0
@@ -90,3 +96,6 @@ echo "POST /v1/check: $policy, 100,000 users, $conns connections, ${secs}s per e
 median="$(printf '%s\n' "${ratios[@]}" | sort -n | awk '{ v[NR] = $1 } END { printf "%.2f", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }')"
 echo "ratio check / trivial: median $median of $rounds rounds (${ratios[*]})"
 awk -v a="$check_total" -v b="$trivial_total" 'BEGIN { printf "ratio of the totals: %.2f (%d checks, %d trivial requests)\n", a / b, a, b }'
+awk -v a="$rss_start" -v b="$(rss_kb)" -v n="$((check_total + trivial_total))" 'BEGIN {
+  printf "server RSS: %.1f MB after the warm-up, %.1f MB after the rounds (%+.1f bytes per request)\n", a / 1024, b / 1024, (b - a) * 1024 / n
+}'
