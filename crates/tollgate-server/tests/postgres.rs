@@ -45,13 +45,12 @@ fn start(db: &str) -> Server {
     Server::start_with(&dir, None, &[], &["--database", db])
 }
 
-/// Polls `f` until it holds, for at most `limit`; returns how long it took.
-///
-/// DESIGN §6 promises a swap within a second; a notification usually brings it in a few
-/// milliseconds (printed). The limit is a hang guard with room for a loaded CI machine,
-/// not a timing assertion.
+/// How long another instance may take to follow a change here. DESIGN §6 promises a
+/// swap within a second, and a notification brings it in milliseconds (printed); this is
+/// a hang guard with room for a loaded CI machine, not a timing assertion.
 const SWAP_LIMIT: Duration = Duration::from_secs(5);
 
+/// Polls `f` until it holds, for at most `limit`; returns how long it took.
 async fn within<F: AsyncFn() -> bool>(limit: Duration, f: F) -> Duration {
     let started = Instant::now();
     loop {

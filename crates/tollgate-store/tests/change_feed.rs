@@ -49,7 +49,7 @@ fn change() -> Change<'static> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_change_made_after_subscribing_is_notified_before_it_is_loaded() {
+async fn a_change_made_between_subscribing_and_serving_is_notified() {
     let Some((url, name, admin)) = fresh_database().await else {
         return;
     };
