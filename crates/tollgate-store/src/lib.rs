@@ -869,16 +869,23 @@ pub enum Wake {
 }
 
 impl ChangeFeed {
-    /// Waits for the next reason to catch up with the store: a notification, or a
-    /// second without one. Resubscribes (retrying every second) when the connection
-    /// drops.
+    /// Waits for the next reason to catch up with the store: a notification, a second
+    /// without one, or a lost subscription made again (notifications sent meanwhile are
+    /// gone, so the caller catches up at once rather than at the next second).
     pub async fn wait(&mut self) -> Wake {
         let Some(listener) = self.listener.as_mut() else {
             return Wake::Nothing;
         };
         tokio::select! {
-            n = listener.recv() => match n {
-                Ok(_) => Wake::Notified,
+            n = listener.try_recv() => match n {
+                Ok(Some(_)) => Wake::Notified,
+                // The connection closed, and sqlx has connected and listened again.
+                Ok(None) => {
+                    tracing::warn!("the change listener lost its connection and listens again");
+                    Wake::Resubscribed
+                }
+                // The server ended the connection with an error, or connecting again
+                // failed: subscribe afresh, retrying every second.
                 Err(e) => {
                     tracing::warn!(error = %e, "the change listener lost its connection; reconnecting");
                     self.listener = Some(self.resubscribe().await);
