@@ -1,124 +1,140 @@
 //! The change feed between instances over one PostgreSQL store (needs
 //! `TOLLGATE_TEST_POSTGRES`; skipped with a note without it).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use sqlx::Executor;
 use tollgate::{Engine, PolicySet};
-use tollgate_store::{Change, PolicyVersion, Store, Wake};
+use tollgate_store::{Change, ChangeFeed, PolicyVersion, Store, Wake};
 
-/// A fresh database on the test server: its URL, name and an admin connection.
-async fn fresh_database() -> Option<(String, String, sqlx::postgres::PgPool)> {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let Ok(url) = std::env::var("TOLLGATE_TEST_POSTGRES") else {
-        eprintln!("note: TOLLGATE_TEST_POSTGRES is not set; skipping the change-feed test");
-        return None;
-    };
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let name = format!("tollgate_feed_{}_{n}", std::process::id());
-    let admin = sqlx::postgres::PgPool::connect(&url)
-        .await
-        .expect("TOLLGATE_TEST_POSTGRES must be reachable");
-    for sql in [
-        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-        format!("CREATE DATABASE {name}"),
-    ] {
-        admin.execute(sqlx::AssertSqlSafe(sql)).await.unwrap();
-    }
-    let base = url.rsplit_once('/').map_or(url.as_str(), |(b, _)| b);
-    Some((format!("{base}/{name}"), name, admin))
+/// Two instances over a fresh database: `writer` makes changes, `follower` has
+/// subscribed and then loaded its engine, in the order a server starts in.
+struct Instances {
+    writer: Store,
+    follower: Store,
+    feed: ChangeFeed,
+    engine: Engine,
+    name: String,
+    admin: sqlx::postgres::PgPool,
 }
 
-fn version(n: u64, source: &str) -> PolicyVersion {
-    PolicyVersion {
-        version: n,
-        source: source.into(),
-        created_at: 0,
-        actor: "test".into(),
-        reason: String::new(),
+impl Instances {
+    async fn start() -> Option<Instances> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let Ok(url) = std::env::var("TOLLGATE_TEST_POSTGRES") else {
+            eprintln!("note: TOLLGATE_TEST_POSTGRES is not set; skipping the change-feed test");
+            return None;
+        };
+        let name = format!(
+            "tollgate_feed_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let admin = sqlx::postgres::PgPool::connect(&url)
+            .await
+            .expect("TOLLGATE_TEST_POSTGRES must be reachable");
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            format!("CREATE DATABASE {name}"),
+        ] {
+            admin.execute(sqlx::AssertSqlSafe(sql)).await.unwrap();
+        }
+        let base = url.rsplit_once('/').map_or(url.as_str(), |(b, _)| b);
+        let url = format!("{base}/{name}");
+        let (writer, follower) = (
+            Store::open(&url).await.unwrap(),
+            Store::open(&url).await.unwrap(),
+        );
+        let feed = follower.change_feed().await.unwrap();
+        let engine = Engine::builder().build(PolicySet::compile("{}").unwrap());
+        follower.sync(&engine).await.unwrap();
+        Some(Instances {
+            writer,
+            follower,
+            feed,
+            engine,
+            name,
+            admin,
+        })
     }
-}
 
-fn change() -> Change<'static> {
-    Change {
-        actor: "test",
-        action: "policy.update",
-        target: "policy",
-        from: None,
-        to: None,
-        reason: "",
+    /// The writer stores the next policy version.
+    async fn change_policy(&self) {
+        let version = PolicyVersion {
+            version: self.engine.policy().version() + 1,
+            source: "policies: [{name: p, rules: [{id: no-x, type: restrict_models, deny: [x]}]}]"
+                .into(),
+            created_at: 0,
+            actor: "test".into(),
+            reason: String::new(),
+        };
+        let change = Change {
+            actor: "test",
+            action: "policy.update",
+            target: "policy",
+            from: None,
+            to: None,
+            reason: "",
+        };
+        self.writer.insert_policy(&version, change).await.unwrap();
+    }
+
+    async fn stop(self) {
+        self.writer.close().await;
+        self.follower.close().await;
+        drop(self.feed);
+        let _ = self
+            .admin
+            .execute(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            )))
+            .await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_made_between_subscribing_and_serving_is_notified() {
-    let Some((url, name, admin)) = fresh_database().await else {
+    let Some(mut at) = Instances::start().await else {
         return;
     };
-    let (writer, follower) = (
-        Store::open(&url).await.unwrap(),
-        Store::open(&url).await.unwrap(),
-    );
-    // the order a server starts in: subscribe, then load, then serve
-    let mut feed = follower.change_feed().await.unwrap();
-    let engine = Engine::builder().build(PolicySet::compile("{}").unwrap());
-    follower.sync(&engine).await.unwrap();
-    let loaded = engine.policy().version();
+    let loaded = at.engine.policy().version();
 
     // another instance commits a version between the load and the first wait
-    let source = "policies: [{name: p, rules: [{id: no-x, type: restrict_models, deny: [x]}]}]";
-    writer
-        .insert_policy(&version(loaded + 1, source), change())
-        .await
-        .unwrap();
+    at.change_policy().await;
 
     // the notification waited in the subscription: the feed wakes for it, not for the
     // one-second fallback (which would answer Wake::Timer)
-    let wake = tokio::time::timeout(Duration::from_secs(30), feed.wait())
+    let wake = tokio::time::timeout(Duration::from_secs(30), at.feed.wait())
         .await
         .expect("the feed answers within its fallback period");
     assert_eq!(wake, Wake::Notified);
     assert!(
-        follower.sync(&engine).await.unwrap(),
+        at.follower.sync(&at.engine).await.unwrap(),
         "a new version is loaded"
     );
-    assert_eq!(engine.policy().version(), loaded + 1);
+    assert_eq!(at.engine.policy().version(), loaded + 1);
 
     // nothing more: the next wake is the fallback timer
-    assert_eq!(feed.wait().await, Wake::Timer);
-    assert!(!follower.sync(&engine).await.unwrap());
-
-    writer.close().await;
-    follower.close().await;
-    drop(feed);
-    let _ = admin
-        .execute(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-        )))
-        .await;
+    assert_eq!(at.feed.wait().await, Wake::Timer);
+    assert!(!at.follower.sync(&at.engine).await.unwrap());
+    at.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_feed_listens_again_after_its_connection_is_ended() {
-    let Some((url, name, admin)) = fresh_database().await else {
+    let Some(mut at) = Instances::start().await else {
         return;
     };
-    let (writer, follower) = (
-        Store::open(&url).await.unwrap(),
-        Store::open(&url).await.unwrap(),
-    );
-    let mut feed = follower.change_feed().await.unwrap();
-    let engine = Engine::builder().build(PolicySet::compile("{}").unwrap());
-    follower.sync(&engine).await.unwrap();
-    let loaded = engine.policy().version();
 
     // the server ends the listening connection (a restart, a failover, a reaper)
     let ended: Vec<bool> = sqlx::query_scalar(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
          WHERE datname = $1 AND query LIKE 'LISTEN%'",
     )
-    .bind(&name)
-    .fetch_all(&admin)
+    .bind(&at.name)
+    .fetch_all(&at.admin)
     .await
     .unwrap();
     assert_eq!(ended, [true], "one listening connection, ended");
@@ -126,7 +142,7 @@ async fn the_feed_listens_again_after_its_connection_is_ended() {
     // the feed says so (the caller then catches up), rather than going quiet
     let mut wake = Wake::Timer;
     for _ in 0..5 {
-        wake = feed.wait().await;
+        wake = at.feed.wait().await;
         if wake != Wake::Timer {
             break;
         }
@@ -134,22 +150,10 @@ async fn the_feed_listens_again_after_its_connection_is_ended() {
     assert_eq!(wake, Wake::Resubscribed);
 
     // and it is subscribed again: the next change is notified
-    let source = "policies: [{name: p, rules: [{id: no-x, type: restrict_models, deny: [x]}]}]";
-    writer
-        .insert_policy(&version(loaded + 1, source), change())
-        .await
-        .unwrap();
-    assert_eq!(feed.wait().await, Wake::Notified);
-    assert!(follower.sync(&engine).await.unwrap());
-
-    writer.close().await;
-    follower.close().await;
-    drop(feed);
-    let _ = admin
-        .execute(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-        )))
-        .await;
+    at.change_policy().await;
+    assert_eq!(at.feed.wait().await, Wake::Notified);
+    assert!(at.follower.sync(&at.engine).await.unwrap());
+    at.stop().await;
 }
 
 #[tokio::test]
