@@ -234,10 +234,24 @@ async fn an_invalid_config_file_refuses_to_start() {
 }
 
 #[tokio::test]
-async fn sigterm_stops_cleanly_after_in_flight_requests() {
+async fn sigterm_finishes_the_request_in_flight_then_stops() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
     let mut server = Server::start(None, &[]);
-    let c = client();
-    assert_eq!(status_of(c.get(server.url("/healthz"))).await, 200);
+    let addr = server.url("").trim_start_matches("http://").to_string();
+    // a check whose headers and first bytes of body are in when the signal comes
+    let body = r#"{"subject": {"user": "u1"}, "model": "gpt-4o"}"#;
+    let mut stream = TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/check HTTP/1.1\r\nHost: tollgate\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body.as_bytes()[..10]).await.unwrap();
+    stream.flush().await.unwrap();
+
     let pid = server.child.id().to_string();
     assert!(
         std::process::Command::new("kill")
@@ -246,6 +260,38 @@ async fn sigterm_stops_cleanly_after_in_flight_requests() {
             .unwrap()
             .success()
     );
+    // once the server has taken the signal it accepts no new connection
+    let started = Instant::now();
+    while TcpStream::connect(&addr).await.is_ok() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still accepting connections 10 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // it waits for the request in flight, however long its body takes
+    let waiting = Instant::now();
+    while waiting.elapsed() < Duration::from_secs(1) {
+        assert!(
+            server.child.try_wait().unwrap().is_none(),
+            "the server stopped with a request in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // the rest of the body: the request is answered, then the connection closes
+    stream.write_all(&body.as_bytes()[10..]).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        stream.read_to_string(&mut response),
+    )
+    .await
+    .expect("the connection closes after its response")
+    .unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains(r#""allowed":true"#), "{response}");
     let status = server.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
