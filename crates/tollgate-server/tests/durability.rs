@@ -3,8 +3,12 @@
 
 mod common;
 
-use common::{ADMIN, Server, client, json_of, status_of};
+use common::{ADMIN, Server, client, json_of, status_of, unique};
+use std::time::{Duration, Instant};
+
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 const POLICY: &str = r#"
 settings:
@@ -233,43 +237,63 @@ async fn an_invalid_config_file_refuses_to_start() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[tokio::test]
-async fn sigterm_finishes_the_request_in_flight_then_stops() {
-    use std::time::{Duration, Instant};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpStream;
+/// The server's `host:port`.
+fn address(server: &Server) -> String {
+    server.url("").trim_start_matches("http://").to_string()
+}
 
-    let mut server = Server::start(None, &[]);
-    let addr = server.url("").trim_start_matches("http://").to_string();
-    // a check whose headers and first bytes of body are in when the signal comes
-    let body = r#"{"subject": {"user": "u1"}, "model": "gpt-4o"}"#;
-    let mut stream = TcpStream::connect(&addr).await.unwrap();
+const CHECK_BODY: &str = r#"{"subject": {"user": "u1"}, "model": "gpt-4o"}"#;
+
+/// A check that is in flight: its headers are sent with `Expect: 100-continue` and the
+/// server has answered `100 Continue`, which hyper does once the handler reads the body,
+/// so the server has taken the request; its body is not sent yet.
+async fn check_in_flight(server: &Server) -> TcpStream {
+    let mut stream = TcpStream::connect(address(server)).await.unwrap();
     let head = format!(
-        "POST /v1/check HTTP/1.1\r\nHost: tollgate\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
+        "POST /v1/check HTTP/1.1\r\nHost: tollgate\r\nContent-Type: application/json\r\n\
+         Expect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+        CHECK_BODY.len()
     );
     stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(&body.as_bytes()[..10]).await.unwrap();
-    stream.flush().await.unwrap();
+    let mut interim = Vec::new();
+    while !interim.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte))
+            .await
+            .expect("an interim answer within 10 s")
+            .unwrap();
+        assert_eq!(n, 1, "closed before the interim answer");
+        interim.push(byte[0]);
+    }
+    let interim = String::from_utf8_lossy(&interim);
+    assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
+    stream
+}
 
+fn sigterm(server: &Server) {
     let pid = server.child.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+#[tokio::test]
+async fn sigterm_finishes_the_request_in_flight_then_stops() {
+    let mut server = Server::start(None, &[]);
+    let mut stream = check_in_flight(&server).await;
+    sigterm(&server);
+
     // once the server has taken the signal it accepts no new connection
     let started = Instant::now();
-    while TcpStream::connect(&addr).await.is_ok() {
+    while TcpStream::connect(address(&server)).await.is_ok() {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "still accepting connections 10 s after SIGTERM"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-
     // it waits for the request in flight, however long its body takes
     let waiting = Instant::now();
     while waiting.elapsed() < Duration::from_secs(1) {
@@ -280,8 +304,8 @@ async fn sigterm_finishes_the_request_in_flight_then_stops() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    // the rest of the body: the request is answered, then the connection closes
-    stream.write_all(&body.as_bytes()[10..]).await.unwrap();
+    // the body: the request is answered, then the connection closes
+    stream.write_all(CHECK_BODY.as_bytes()).await.unwrap();
     let mut response = String::new();
     tokio::time::timeout(
         Duration::from_secs(10),
@@ -294,4 +318,65 @@ async fn sigterm_finishes_the_request_in_flight_then_stops() {
     assert!(response.contains(r#""allowed":true"#), "{response}");
     let status = server.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn shutdown_stops_waiting_for_a_request_after_the_drain_limit() {
+    let dir = std::env::temp_dir().join(format!(
+        "tollgate-drain-{}-{}",
+        std::process::id(),
+        unique()
+    ));
+    let mut server = Server::start_with(&dir, None, &[], &["--drain-secs", "0.5"]);
+    // a check whose body never comes
+    let stuck = check_in_flight(&server).await;
+    sigterm(&server);
+    let signalled = Instant::now();
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(10),
+            "still running 10 s after SIGTERM with a drain limit of 0.5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    drop(stuck);
+}
+
+#[tokio::test]
+async fn a_client_slow_to_send_its_headers_is_disconnected() {
+    let dir =
+        std::env::temp_dir().join(format!("tollgate-slow-{}-{}", std::process::id(), unique()));
+    let server = Server::start_with(&dir, None, &[], &["--header-timeout-secs", "0.5"]);
+    let mut slow = TcpStream::connect(address(&server)).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: tollg")
+        .await
+        .unwrap();
+    // the rest of the headers never comes: the server closes the connection (a reset or
+    // an end of stream, with or without a 408 first) instead of holding it forever
+    let mut answer = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut answer)).await;
+    assert!(closed.is_ok(), "the connection is still open 10 s later");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+    // and everyone else is served as before
+    assert_eq!(status_of(client().get(server.url("/healthz"))).await, 200);
+}
+
+#[tokio::test]
+async fn a_sigterm_as_soon_as_the_address_is_printed_stops_cleanly() {
+    // the signal handlers are in place before the address is printed: the process drains
+    // and exits 0 rather than dying of the signal
+    for _ in 0..5 {
+        let mut server = Server::start(None, &[]);
+        sigterm(&server);
+        let status = server.child.wait().unwrap();
+        assert!(status.success(), "{status:?}");
+    }
 }

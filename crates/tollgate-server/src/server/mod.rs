@@ -29,6 +29,7 @@ mod data;
 mod error;
 mod openapi;
 mod products;
+mod serve;
 
 use auth::Keys;
 
@@ -59,6 +60,14 @@ pub struct ServeOptions {
     /// The largest request body accepted, in bytes.
     #[arg(long, default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// How long a client may take to send a request's headers, in seconds; the
+    /// connection closes past it.
+    #[arg(long, default_value_t = 30.0)]
+    pub header_timeout_secs: f64,
+    /// After SIGTERM or Ctrl-C, how long the requests in flight may take to be answered,
+    /// in seconds; the server then stops without them.
+    #[arg(long, default_value_t = 30.0)]
+    pub drain_secs: f64,
 }
 
 /// Where the counters live.
@@ -153,12 +162,28 @@ async fn metrics_upkeep(handle: PrometheusHandle) {
     }
 }
 
+/// A flag's number of seconds as a duration: finite, not negative, and above zero unless
+/// `zero_ok`.
+fn seconds(flag: &str, value: f64, zero_ok: bool) -> Result<std::time::Duration, String> {
+    std::time::Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| zero_ok || !d.is_zero())
+        .ok_or_else(|| {
+            let least = if zero_ok { "0 or more" } else { "more than 0" };
+            format!("{flag} {value}: expected a number of seconds, {least}")
+        })
+}
+
 async fn serve(options: ServeOptions) -> Result<(), String> {
     if options.gateway {
         return Err(
             "--gateway: the OpenAI-compatible gateway is not available in this version".into(),
         );
     }
+    let limits = serve::Limits {
+        header_read: seconds("--header-timeout-secs", options.header_timeout_secs, false)?,
+        drain: seconds("--drain-secs", options.drain_secs, true)?,
+    };
     let store = match &options.database {
         None => Store::open_dir(&options.data_dir).await,
         Some(url)
@@ -261,6 +286,7 @@ async fn serve(options: ServeOptions) -> Result<(), String> {
         Counters::Memory(_) => None,
     };
     let app = router(state, options.max_body_bytes);
+    let shutdown = shutdown_signal()?;
     let listener = tokio::net::TcpListener::bind(options.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", options.listen))?;
@@ -268,10 +294,7 @@ async fn serve(options: ServeOptions) -> Result<(), String> {
     // Tests and scripts read this line to learn the port.
     println!("listening on {addr}");
     tracing::info!(%addr, "tollgate serving");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(|e| e.to_string())?;
+    serve::serve(listener, app, limits, shutdown).await;
     // In-flight requests have finished; every acknowledged write is committed already.
     follower.abort();
     upkeep.abort();
@@ -377,26 +400,29 @@ async fn seed(
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Completes on SIGTERM or Ctrl-C (SIGINT). The handlers are installed here, before the
+/// server announces its address, not when the future is first polled: a signal that
+/// came in between would otherwise stop the process at once, without draining.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, String> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+    let (mut term, mut interrupt) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind| signal(kind).map_err(|e| format!("cannot handle signals: {e}"));
+        (
+            listen(SignalKind::terminate())?,
+            listen(SignalKind::interrupt())?,
+        )
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
-    tracing::info!("shutting down: finishing in-flight requests");
+    Ok(async move {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = interrupt.recv() => {},
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down: finishing in-flight requests");
+    })
 }
 
 fn router(state: Arc<AppState>, max_body: usize) -> Router {
