@@ -237,6 +237,38 @@ async fn an_invalid_config_file_refuses_to_start() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn connection_limits_that_are_not_durations_refuse_to_start() {
+    let dir = std::env::temp_dir().join(format!("tollgate-bad-limits-{}", std::process::id()));
+    for (flag, message) in [
+        (
+            "--header-timeout-secs=0",
+            "--header-timeout-secs 0: expected a number of seconds, more than 0",
+        ),
+        (
+            "--drain-secs=-1",
+            "--drain-secs -1: expected a number of seconds, 0 or more",
+        ),
+        (
+            "--drain-secs=NaN",
+            "--drain-secs NaN: expected a number of seconds, 0 or more",
+        ),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["serve", "--listen", "127.0.0.1:0", flag, "--data-dir"])
+            .arg(dir.join("data"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{flag}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(message), "{flag}: {err}");
+        assert!(
+            !dir.join("data").exists(),
+            "{flag}: nothing is created before the flags are checked"
+        );
+    }
+}
+
 /// The server's `host:port`.
 fn address(server: &Server) -> String {
     server.url("").trim_start_matches("http://").to_string()
