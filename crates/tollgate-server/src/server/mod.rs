@@ -60,8 +60,9 @@ pub struct ServeOptions {
     /// The largest request body accepted, in bytes.
     #[arg(long, default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
-    /// How long a client may take to send a request's headers, in seconds; the
-    /// connection closes past it.
+    /// How long a client may take to send a request's headers, in seconds, counted from
+    /// the connection's start or its previous response; the connection closes past it
+    /// (so a keep-alive connection idle that long closes too).
     #[arg(long, default_value_t = 30.0)]
     pub header_timeout_secs: f64,
     /// After SIGTERM or Ctrl-C, how long the requests in flight may take to be answered,

@@ -19,8 +19,9 @@ use tokio::net::TcpListener;
 /// How long connections may take, at most.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
-    /// For a request's headers, from the first byte of the request (or from the
-    /// connection's start or its previous response): the connection closes past it.
+    /// For a request's headers, counted from the connection's start or its previous
+    /// response: the connection closes past it, so an idle keep-alive connection closes
+    /// after as long.
     pub header_read: Duration,
     /// For the requests in flight after a shutdown signal: connections still open past
     /// it are dropped, and the server stops.
