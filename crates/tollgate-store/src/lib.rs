@@ -849,6 +849,10 @@ async fn write_batch(
     Ok(())
 }
 
+/// How often a follower catches up without a notification, and retries a lost
+/// subscription.
+const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+
 /// The other instances' changes, subscribed to (see [`Store::change_feed`]).
 pub struct ChangeFeed {
     store: Store,
@@ -892,7 +896,7 @@ impl ChangeFeed {
                     Wake::Resubscribed
                 }
             },
-            () = tokio::time::sleep(Duration::from_secs(1)) => Wake::Timer,
+            () = tokio::time::sleep(FOLLOW_EVERY) => Wake::Timer,
         }
     }
 
@@ -924,7 +928,7 @@ impl ChangeFeed {
                 Ok(l) => return l,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot listen for changes; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    tokio::time::sleep(FOLLOW_EVERY).await;
                 }
             }
         }

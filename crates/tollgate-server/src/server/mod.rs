@@ -264,28 +264,28 @@ async fn serve(options: ServeOptions) -> Result<(), String> {
         metrics: metrics_recorder()?,
         admin_lock: Mutex::new(()),
     });
-    let follower = {
-        let state = Arc::clone(&state);
-        tokio::spawn(async move { changes.follow(&state.engine).await })
-    };
-    let upkeep = tokio::spawn(metrics_upkeep(state.metrics.clone()));
-    let watcher = match &state.counters {
-        Counters::Redis(redis) => {
-            let (state, redis) = (Arc::clone(&state), Arc::clone(redis));
-            Some(tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    let now = state.clock.now_ms();
-                    if let Err(e) =
-                        rebuild_redis_if_lost(&state.store, &state.engine, &redis, now).await
-                    {
-                        tracing::warn!(error = %e, "cannot rebuild Redis from the store yet");
-                    }
+    // Tasks that run beside the server until it stops.
+    let mut background = vec![
+        {
+            let state = Arc::clone(&state);
+            tokio::spawn(async move { changes.follow(&state.engine).await })
+        },
+        tokio::spawn(metrics_upkeep(state.metrics.clone())),
+    ];
+    if let Counters::Redis(redis) = &state.counters {
+        let (state, redis) = (Arc::clone(&state), Arc::clone(redis));
+        background.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                let now = state.clock.now_ms();
+                if let Err(e) =
+                    rebuild_redis_if_lost(&state.store, &state.engine, &redis, now).await
+                {
+                    tracing::warn!(error = %e, "cannot rebuild Redis from the store yet");
                 }
-            }))
-        }
-        Counters::Memory(_) => None,
-    };
+            }
+        }));
+    }
     let app = router(state, options.max_body_bytes);
     let shutdown = shutdown_signal()?;
     let listener = tokio::net::TcpListener::bind(options.listen)
@@ -296,11 +296,10 @@ async fn serve(options: ServeOptions) -> Result<(), String> {
     println!("listening on {addr}");
     tracing::info!(%addr, "tollgate serving");
     serve::serve(listener, app, limits, shutdown).await;
-    // In-flight requests have finished; every acknowledged write is committed already.
-    follower.abort();
-    upkeep.abort();
-    if let Some(w) = watcher {
-        w.abort();
+    // The requests in flight are answered (or the drain limit passed); every
+    // acknowledged write was committed before it was acknowledged.
+    for task in background {
+        task.abort();
     }
     store.close().await;
     tracing::info!("stopped");
