@@ -395,8 +395,10 @@ struct Shard {
 }
 
 impl Shard {
+    /// Sweeps idle counters when enough operations have passed since the last sweep.
+    /// Called once a plan has committed, never between its operations: a counter that a
+    /// later operation made a moment ago is as idle as a fresh one until it commits.
     fn maybe_sweep(&mut self, now: i64) {
-        self.ops += 1;
         // A sweep visits every counter of the shard: at most one visit per 8 operations.
         let len = self.counters.len() + self.spends.len();
         if self.ops >= SWEEP_EVERY.max(8 * len as u32) {
@@ -1160,7 +1162,7 @@ impl Ledger for MemoryLedger {
                 let counter = shard.spends.get_mut(&op.key.id).expect("inserted above");
                 counter.commit(effect, plan, retain_until);
                 sinks.push(op.key.id);
-                shard.maybe_sweep(now);
+                shard.ops += 1;
                 continue;
             }
             let counter = shard.counters.get_mut(&op.key.id).expect("inserted above");
@@ -1209,6 +1211,9 @@ impl Ledger for MemoryLedger {
                 }
                 _ => {}
             }
+            shard.ops += 1;
+        }
+        for (_, shard) in guards.iter_mut() {
             shard.maybe_sweep(now);
         }
         if let (Some(lease), Some(table)) = (&plan.lease, lease_table.as_mut()) {
@@ -1531,6 +1536,50 @@ mod tests {
             rates == 1_000 && spends == 1_000,
             "{rates} rate and {spends} spend counters for 1,000 active users"
         );
+    }
+
+    /// A sweep that falls due at a new subject's first operation does not take the
+    /// counters its plan's later operations made a moment before (fresh, so they look
+    /// idle): the check completes and commits every operation. (The sweep ran after each
+    /// committed operation, and a check that met it this way panicked.)
+    #[test]
+    fn a_sweep_in_the_middle_of_a_plan_keeps_its_new_counters() {
+        let (engine, _clock, ledger) = engine_on(
+            "policies: [{name: p, rules: [\
+             {id: r, type: rate, limit: 1000, per: 1m, by: [user]},\
+             {id: b1, type: budget, limit_usd: 100, period: day, by: [user]},\
+             {id: b2, type: budget, limit_usd: 100, period: day, by: [user]}]}]",
+        );
+        let shard =
+            |user: &str| super::shard_of(crate::ledger::KeyPrefix::new("p", "r").id(&[user]));
+        let request = |user: &str| {
+            let mut request = Request::default();
+            request.subject.user = Some(user.to_string());
+            request.estimate.cost_usd = Some(Micros(10_000));
+            request
+        };
+        // Three operations a check in one shard: a hot user's checks bring its count of
+        // operations to one short of a sweep (63), then a new user of that shard checks.
+        let hot = "hot";
+        let newcomer = (0..)
+            .map(|i| format!("n{i}"))
+            .find(|u| shard(u) == shard(hot))
+            .unwrap();
+        for _ in 0..(super::SWEEP_EVERY - 1) / 3 {
+            assert!(engine.check(&request(hot)).allowed);
+        }
+        assert_eq!(ledger.shards[shard(hot)].lock().ops, super::SWEEP_EVERY - 1);
+        let d = engine.check(&request(&newcomer));
+        assert!(d.allowed, "{d:?}");
+        assert_eq!(ledger.shards[shard(hot)].lock().ops, 0, "the sweep has run");
+        let usage = engine.usage(None).unwrap();
+        for rule in ["b1", "b2"] {
+            let reserved = usage
+                .iter()
+                .find(|u| u.rule == rule && u.key == format!("user={newcomer}"))
+                .map(|u| u.reserved_usd);
+            assert_eq!(reserved, Some(Micros(10_000)), "{rule} of {newcomer}");
+        }
     }
 
     /// A token bucket's content survives its split into two halves: any `i128`, of
