@@ -14,7 +14,6 @@ use std::sync::Arc;
 
 use hashbrown::HashTable;
 use parking_lot::{Mutex, MutexGuard};
-use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
 
 use super::head_queue::HeadQueue;
@@ -387,10 +386,95 @@ impl SpendCounter {
     }
 }
 
+/// A shard's counters of one kind, by id. An id is a hash already, and its high half is
+/// keyed (see [`super::KeyPrefix`]): the table uses that half as its hash, so nothing is
+/// hashed again, and nobody who picks user names can pick collisions. Operations find
+/// their counter once, by bucket ([`Table::find`]), and reach it again by that bucket
+/// while the table is not changed.
+struct Table<V>(HashTable<(u128, V)>);
+
+impl<V> Default for Table<V> {
+    fn default() -> Self {
+        Table(HashTable::new())
+    }
+}
+
+impl<V> Table<V> {
+    fn hash(id: u128) -> u64 {
+        (id >> 64) as u64
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The bucket of `id`'s counter.
+    fn find(&self, id: u128) -> Option<usize> {
+        self.0.find_bucket_index(Self::hash(id), |(k, _)| *k == id)
+    }
+
+    /// The counter in `bucket`, found by [`Table::find`] since the table last changed.
+    fn at(&self, bucket: usize) -> &V {
+        &self
+            .0
+            .get_bucket(bucket)
+            .expect("a bucket found in this table")
+            .1
+    }
+
+    /// As [`Table::at`], to change the counter.
+    fn at_mut(&mut self, bucket: usize) -> &mut V {
+        &mut self
+            .0
+            .get_bucket_mut(bucket)
+            .expect("a bucket found in this table")
+            .1
+    }
+
+    fn get(&self, id: u128) -> Option<&V> {
+        self.0
+            .find(Self::hash(id), |(k, _)| *k == id)
+            .map(|(_, v)| v)
+    }
+
+    fn get_mut(&mut self, id: u128) -> Option<&mut V> {
+        self.0
+            .find_mut(Self::hash(id), |(k, _)| *k == id)
+            .map(|(_, v)| v)
+    }
+
+    /// Adds a counter for an id the table does not hold.
+    fn insert(&mut self, id: u128, value: V) {
+        self.0
+            .insert_unique(Self::hash(id), (id, value), |(k, _)| Self::hash(*k));
+    }
+
+    fn get_or_insert_with(&mut self, id: u128, make: impl FnOnce() -> V) -> &mut V {
+        let entry = self
+            .0
+            .entry(Self::hash(id), |(k, _)| *k == id, |(k, _)| Self::hash(*k))
+            .or_insert_with(|| (id, make()));
+        &mut entry.into_mut().1
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&V) -> bool) {
+        self.0.retain(|(_, v)| keep(v));
+    }
+
+    #[cfg(test)]
+    fn values(&self) -> impl Iterator<Item = &V> {
+        self.0.iter().map(|(_, v)| v)
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut V> {
+        self.0.iter_mut().map(|(_, v)| v)
+    }
+}
+
 #[derive(Default)]
 struct Shard {
-    counters: FxHashMap<u128, Counter>,
-    spends: FxHashMap<u128, SpendCounter>,
+    counters: Table<Counter>,
+    spends: Table<SpendCounter>,
     ops: u32,
 }
 
@@ -403,8 +487,8 @@ impl Shard {
         let len = self.counters.len() + self.spends.len();
         if self.ops >= SWEEP_EVERY.max(8 * len as u32) {
             self.ops = 0;
-            self.counters.retain(|_, c| c.idle_at > now);
-            self.spends.retain(|_, c| c.idle_at > now);
+            self.counters.retain(|c| c.idle_at > now);
+            self.spends.retain(|c| c.idle_at > now);
         }
     }
 }
@@ -673,7 +757,7 @@ impl MemoryLedger {
         let sinks = ids
             .iter()
             .filter_map(|id| {
-                let label = &guard(&mut guards, *id).spends.get(id)?.label;
+                let label = &guard(&mut guards, *id).spends.get(*id)?.label;
                 Some(Label::clone(label))
             })
             .collect();
@@ -709,8 +793,7 @@ impl MemoryLedger {
             // its window yet: it is kept until an operation tells it.
             let counter = shard
                 .spends
-                .entry(*id)
-                .or_insert_with(|| SpendCounter::new(Arc::new(sink.clone()), i64::MAX));
+                .get_or_insert_with(*id, || SpendCounter::new(Arc::new(sink.clone()), i64::MAX));
             if let Some(d) = decision {
                 counter.spend.unreserve(d, at);
             }
@@ -734,13 +817,28 @@ impl MemoryLedger {
 
 type Guards<'a> = SmallVec<[(usize, MutexGuard<'a, Shard>); 8]>;
 
-fn guard<'g, 'a>(guards: &'g mut [(usize, MutexGuard<'a, Shard>)], id: u128) -> &'g mut Shard {
+/// Where `id`'s shard is in `guards`.
+fn guard_index(guards: &[(usize, MutexGuard<'_, Shard>)], id: u128) -> usize {
     let i = shard_of(id);
-    let pos = guards
+    guards
         .iter()
         .position(|(s, _)| *s == i)
-        .expect("shard locked");
-    &mut guards[pos].1
+        .expect("shard locked")
+}
+
+fn guard<'g, 'a>(guards: &'g mut [(usize, MutexGuard<'a, Shard>)], id: u128) -> &'g mut Shard {
+    let at = guard_index(guards, id);
+    &mut guards[at].1
+}
+
+/// Where a plan's operation finds its counter while the plan holds its shards.
+struct Slot {
+    /// Its shard's place in the plan's guards.
+    guard: usize,
+    /// Its bucket in the shard's table ([`Table::find`]).
+    bucket: usize,
+    /// Whether that table is the spend counters'.
+    spend: bool,
 }
 
 /// A sum of amounts as an amount: `i64::MAX` micro-dollars (9.2 trillion dollars) when it
@@ -1087,57 +1185,86 @@ impl Ledger for MemoryLedger {
         let mut guards = Guards::new();
         self.lock_shards(plan.ops.iter().map(|o| o.key.id), &mut guards);
 
-        // Find every counter, and read each part of it an operation will read, before
-        // evaluating any: the reads do not depend on each other, so their cache misses
-        // overlap instead of following one another (a single lookup has nothing to
-        // overlap with). Only their effect on the cache is wanted; `black_box` keeps them
-        // from being dropped. Reading the whole counter, not only its key: `rule_costs`
-        // 10 rules ≈ 1.76 → 1.54 µs a check.
-        if plan.ops.len() > 1 {
-            let mut seen = 0i64;
-            for op in &plan.ops {
-                let shard = guard(&mut guards, op.key.id);
-                if spends(&op.kind) {
-                    if let Some(counter) = shard.spends.get(&op.key.id) {
-                        seen ^= counter.touch();
-                    }
-                } else if let Some(counter) = shard.counters.get(&op.key.id) {
-                    seen ^= counter.touch();
+        // Find every counter (making the missing ones), and read each part of it an
+        // operation will read, before evaluating any: the reads do not depend on each
+        // other, so their cache misses overlap instead of following one another. Only
+        // their effect on the cache is wanted; `black_box` keeps them from being dropped.
+        // Reading the whole counter, not only its key: `rule_costs` 10 rules ≈ 1.76 →
+        // 1.54 µs a check. Each operation keeps where its counter is, so that evaluating
+        // and committing it do not look it up again (two lookups of three).
+        let mut slots: SmallVec<[Slot; 8]> = SmallVec::with_capacity(plan.ops.len());
+        let mut seeded: Vec<(u128, Vec<u128>)> = Vec::new();
+        let mut made = false;
+        let mut seen = 0i64;
+        for op in &plan.ops {
+            let at = guard_index(&guards, op.key.id);
+            let shard = &mut *guards[at].1;
+            let spend = spends(&op.kind);
+            let bucket = if spend {
+                shard.spends.find(op.key.id).inspect(|&b| {
+                    seen ^= shard.spends.at(b).touch();
+                })
+            } else {
+                shard.counters.find(op.key.id).inspect(|&b| {
+                    seen ^= shard.counters.at(b).touch();
+                })
+            };
+            let bucket = bucket.unwrap_or_else(|| {
+                made = true;
+                if spend {
+                    let counter = SpendCounter::new(SpendSink::of(&op.key), now);
+                    shard.spends.insert(op.key.id, counter);
+                } else {
+                    let state = match (&op.kind, &lease_table) {
+                        (OpKind::Lease { resource, .. }, Some(table)) => {
+                            let live = seed_leases(table, &op.key, resource, now);
+                            seeded.push((op.key.id, live.iter().map(|(id, _)| *id).collect()));
+                            State::Leases(live)
+                        }
+                        _ => fresh_state(&op.kind),
+                    };
+                    let counter = Counter {
+                        state,
+                        idle_at: now,
+                    };
+                    shard.counters.insert(op.key.id, counter);
                 }
-            }
-            std::hint::black_box(seen);
+                usize::MAX
+            });
+            slots.push(Slot {
+                guard: at,
+                bucket,
+                spend,
+            });
         }
+        std::hint::black_box(seen);
+        if made {
+            // Adding a counter may have moved its table's others: find them all again.
+            for (op, slot) in plan.ops.iter().zip(slots.iter_mut()) {
+                let shard = &guards[slot.guard].1;
+                slot.bucket = if slot.spend {
+                    shard.spends.find(op.key.id)
+                } else {
+                    shard.counters.find(op.key.id)
+                }
+                .expect("made above");
+            }
+        }
+
         let mut results = OpResults::with_capacity(plan.ops.len());
         let mut effects: SmallVec<[Effect; 8]> = SmallVec::new();
-        let mut seeded: Vec<(u128, Vec<u128>)> = Vec::new();
-        for op in &plan.ops {
-            let shard = guard(&mut guards, op.key.id);
-            if spends(&op.kind) {
-                let counter = shard
-                    .spends
-                    .entry(op.key.id)
-                    .or_insert_with(|| SpendCounter::new(SpendSink::of(&op.key), now));
-                let (result, effect) = evaluate_spend(&mut counter.spend, op, now);
-                results.push(result);
-                effects.push(effect);
-                continue;
-            }
-            let counter = shard.counters.entry(op.key.id).or_insert_with(|| Counter {
-                state: match (&op.kind, &lease_table) {
-                    (OpKind::Lease { resource, .. }, Some(table)) => {
-                        let live = seed_leases(table, &op.key, resource, now);
-                        seeded.push((op.key.id, live.iter().map(|(id, _)| *id).collect()));
-                        State::Leases(live)
-                    }
-                    _ => fresh_state(&op.kind),
-                },
-                idle_at: now,
-            });
-            if !state_fits(&counter.state, &op.kind) {
-                // The rule changed type or algorithm under the same id: start afresh.
-                counter.state = fresh_state(&op.kind);
-            }
-            let (result, effect) = evaluate(counter, op, now);
+        for (op, slot) in plan.ops.iter().zip(&slots) {
+            let shard = &mut *guards[slot.guard].1;
+            let (result, effect) = if slot.spend {
+                evaluate_spend(&mut shard.spends.at_mut(slot.bucket).spend, op, now)
+            } else {
+                let counter = shard.counters.at_mut(slot.bucket);
+                if !state_fits(&counter.state, &op.kind) {
+                    // The rule changed type or algorithm under the same id: start afresh.
+                    counter.state = fresh_state(&op.kind);
+                }
+                evaluate(counter, op, now)
+            };
             results.push(result);
             effects.push(effect);
         }
@@ -1166,16 +1293,19 @@ impl Ledger for MemoryLedger {
         let retain_until = now + 2 * plan.reservation_ttl_ms.max(60_000);
         let mut lease_keys = Vec::new();
         // Drained, not consumed: a consumed `SmallVec` is moved into its iterator.
-        for ((op, result), effect) in plan.ops.iter().zip(&results).zip(effects.drain(..)) {
-            let shard = guard(&mut guards, op.key.id);
-            if let Effect::Reserve { .. } | Effect::Sink { .. } = effect {
-                let counter = shard.spends.get_mut(&op.key.id).expect("inserted above");
-                counter.commit(effect, plan, retain_until);
+        let committed = plan.ops.iter().zip(&slots).zip(&results);
+        for (((op, slot), result), effect) in committed.zip(effects.drain(..)) {
+            let shard = &mut *guards[slot.guard].1;
+            shard.ops += 1;
+            if slot.spend {
+                shard
+                    .spends
+                    .at_mut(slot.bucket)
+                    .commit(effect, plan, retain_until);
                 sinks.push(op.key.id);
-                shard.ops += 1;
                 continue;
             }
-            let counter = shard.counters.get_mut(&op.key.id).expect("inserted above");
+            let counter = shard.counters.at_mut(slot.bucket);
             match (effect, &mut counter.state) {
                 (
                     Effect::Bucket {
@@ -1221,8 +1351,9 @@ impl Ledger for MemoryLedger {
                 }
                 _ => {}
             }
-            shard.ops += 1;
         }
+        // Only now: a sweep would move the counters that `slots` point at, and take the
+        // ones made for this plan (fresh, so idle) before they commit.
         for (_, shard) in guards.iter_mut() {
             shard.maybe_sweep(now);
         }
@@ -1261,7 +1392,7 @@ impl Ledger for MemoryLedger {
         now: i64,
     ) -> Result<Micros, LedgerError> {
         let mut shard = self.shards[shard_of(key.id)].lock();
-        Ok(match shard.spends.get_mut(&key.id) {
+        Ok(match shard.spends.get_mut(key.id) {
             Some(SpendCounter { spend, .. }) => Micros(clamp(
                 spend.recorded_since(window_start) + spend.reserved_since(window_start, now),
             )),
@@ -1292,7 +1423,7 @@ impl Ledger for MemoryLedger {
                 state: State::Leases(live),
                 idle_at,
                 ..
-            }) = shard.counters.get_mut(id)
+            }) = shard.counters.get_mut(*id)
             {
                 live.retain(|(lid, _)| *lid != lease);
                 if live.is_empty() {
