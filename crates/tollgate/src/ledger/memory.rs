@@ -482,10 +482,17 @@ impl Shard {
     /// Sweeps idle counters when enough operations have passed since the last sweep.
     /// Called once a plan has committed, never between its operations: a counter that a
     /// later operation made a moment ago is as idle as a fresh one until it commits.
-    fn maybe_sweep(&mut self, now: i64) {
-        // A sweep visits every counter of the shard: at most one visit per 8 operations.
-        let len = self.counters.len() + self.spends.len();
-        if self.ops >= SWEEP_EVERY.max(8 * len as u32) {
+    fn maybe_sweep(&mut self, now: i64, pace: SweepPace) {
+        let due = match pace {
+            // A sweep visits every counter of the shard: at most one visit per 8
+            // operations.
+            SweepPace::BySize => {
+                let len = self.counters.len() + self.spends.len();
+                SWEEP_EVERY.max(8 * len as u32)
+            }
+            SweepPace::Every(ops) => ops,
+        };
+        if self.ops >= due {
             self.ops = 0;
             self.counters.retain(|c| c.idle_at > now);
             self.spends.retain(|c| c.idle_at > now);
@@ -677,6 +684,16 @@ pub struct MemoryLedger {
     shards: Box<[Mutex<Shard>]>,
     decisions: Box<[Mutex<Decisions>]>,
     leases: Mutex<HashMap<u128, Lease>>,
+    sweep: SweepPace,
+}
+
+/// When a shard sweeps its idle counters.
+#[derive(Clone, Copy)]
+enum SweepPace {
+    /// After [`SWEEP_EVERY`] operations, or 8 per counter it holds when that is more.
+    BySize,
+    /// After this many operations, whatever its size.
+    Every(u32),
 }
 
 impl Default for MemoryLedger {
@@ -734,6 +751,20 @@ impl MemoryLedger {
                 .map(|_| Mutex::new(Decisions::default()))
                 .collect(),
             leases: Mutex::new(HashMap::new()),
+            sweep: SweepPace::BySize,
+        }
+    }
+
+    /// An empty ledger that sweeps each shard's idle counters every time `ops`
+    /// operations have committed in it, whatever its size. By default a shard sweeps
+    /// after 4,096 operations, or 8 for each counter it holds when that is more, so that
+    /// sweeping costs little; sweeping more often changes nothing a caller can see, and
+    /// tests use it to make sweeps fall between everything else (`ops` = 0 sweeps after
+    /// every plan).
+    pub fn sweeping_every(ops: u32) -> MemoryLedger {
+        MemoryLedger {
+            sweep: SweepPace::Every(ops),
+            ..MemoryLedger::new()
         }
     }
 
@@ -1355,7 +1386,7 @@ impl Ledger for MemoryLedger {
         // Only now: a sweep would move the counters that `slots` point at, and take the
         // ones made for this plan (fresh, so idle) before they commit.
         for (_, shard) in guards.iter_mut() {
-            shard.maybe_sweep(now);
+            shard.maybe_sweep(now, self.sweep);
         }
         if let (Some(lease), Some(table)) = (&plan.lease, lease_table.as_mut()) {
             table.insert(
