@@ -1222,7 +1222,7 @@ impl Ledger for MemoryLedger {
         // their effect on the cache is wanted; `black_box` keeps them from being dropped.
         // Reading the whole counter, not only its key: `rule_costs` 10 rules ≈ 1.76 →
         // 1.54 µs a check. Each operation keeps where its counter is, so that evaluating
-        // and committing it do not look it up again (two lookups of three).
+        // and committing it do not look it up again (one lookup where there were three).
         let mut slots: SmallVec<[Slot; 8]> = SmallVec::with_capacity(plan.ops.len());
         let mut seeded: Vec<(u128, Vec<u128>)> = Vec::new();
         let mut made = false;
