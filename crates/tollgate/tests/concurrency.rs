@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 
-use tollgate::{Engine, ManualClock, Micros, Request};
+use tollgate::{Engine, ManualClock, MemoryLedger, Micros, Request};
 
 const THREADS: usize = 8;
 
@@ -120,4 +120,32 @@ fn budgets_hold_while_records_race_with_checks() {
     assert!(usage[0].spent_usd <= Micros(1_000_000));
     // Spend can end at most one estimate below the limit.
     assert!(usage[0].spent_usd.0 > 1_000_000 - 10_000, "{:?}", usage[0]);
+}
+
+#[test]
+fn limits_hold_while_shards_sweep_after_every_plan() {
+    // Per-user limits on a ledger that sweeps each shard after every plan: sweeps fall
+    // between other threads' plans all the time, and take nothing a limit needs.
+    let clock = Arc::new(ManualClock::new(1_767_225_600_000));
+    let e = Arc::new(
+        Engine::builder()
+            .clock(clock)
+            .ledger(Arc::new(MemoryLedger::sweeping_every(0)))
+            .build_from_text(
+                "policies: [{name: p, rules: [\
+                 {id: r, type: rate, limit: 150, per: 1h, by: [user]},\
+                 {id: b, type: budget, limit_usd: 1, period: month, by: [user]}]}]",
+            )
+            .unwrap(),
+    );
+    let allowed = hammer(&e, 400, |e, i| {
+        let mut r = Request::default();
+        r.subject.user = Some(format!("u{}", i % 16));
+        r.estimate.cost_usd = Some(Micros(10_000)); // 100 fit in 1 USD
+        e.check(&r).allowed
+    });
+    assert_eq!(allowed, 16 * 100);
+    for u in e.usage(None).unwrap() {
+        assert_eq!(u.reserved_usd, Micros(1_000_000), "{u:?}");
+    }
 }
