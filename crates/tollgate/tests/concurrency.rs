@@ -9,10 +9,15 @@ use tollgate::{Engine, ManualClock, MemoryLedger, Micros, Request};
 const THREADS: usize = 8;
 
 fn engine(policy: &str) -> Arc<Engine> {
+    engine_on(policy, MemoryLedger::new())
+}
+
+fn engine_on(policy: &str, ledger: MemoryLedger) -> Arc<Engine> {
     let clock = Arc::new(ManualClock::new(1_767_225_600_000));
     Arc::new(
         Engine::builder()
             .clock(clock)
+            .ledger(Arc::new(ledger))
             .build_from_text(policy)
             .unwrap(),
     )
@@ -126,17 +131,11 @@ fn budgets_hold_while_records_race_with_checks() {
 fn limits_hold_while_shards_sweep_after_every_plan() {
     // Per-user limits on a ledger that sweeps each shard after every plan: sweeps fall
     // between other threads' plans all the time, and take nothing a limit needs.
-    let clock = Arc::new(ManualClock::new(1_767_225_600_000));
-    let e = Arc::new(
-        Engine::builder()
-            .clock(clock)
-            .ledger(Arc::new(MemoryLedger::sweeping_every(0)))
-            .build_from_text(
-                "policies: [{name: p, rules: [\
-                 {id: r, type: rate, limit: 150, per: 1h, by: [user]},\
-                 {id: b, type: budget, limit_usd: 1, period: month, by: [user]}]}]",
-            )
-            .unwrap(),
+    let e = engine_on(
+        "policies: [{name: p, rules: [\
+         {id: r, type: rate, limit: 150, per: 1h, by: [user]},\
+         {id: b, type: budget, limit_usd: 1, period: month, by: [user]}]}]",
+        MemoryLedger::sweeping_every(0),
     );
     let allowed = hammer(&e, 400, |e, i| {
         let mut r = Request::default();
