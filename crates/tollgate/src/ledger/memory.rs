@@ -834,13 +834,16 @@ impl MemoryLedger {
         }
     }
 
-    /// Locks the shards of `ids` into `guards` (filled in place: a collected `Guards`
-    /// was moved out, a `memcpy` per check).
+    /// Locks the shards of `ids` into `guards`, in index order (filled in place: a
+    /// collected `Guards` was moved out, a `memcpy` per check). The shards are the bits
+    /// of one word, so they come out in order and once each without a sort, which was 2%
+    /// of a 10-rule check.
     fn lock_shards<'a>(&'a self, ids: impl Iterator<Item = u128>, guards: &mut Guards<'a>) {
-        let mut idx: SmallVec<[usize; 8]> = ids.map(shard_of).collect();
-        idx.sort_unstable();
-        idx.dedup();
-        for i in idx {
+        const _: () = assert!(SHARDS <= u64::BITS as usize);
+        let mut shards = ids.fold(0u64, |set, id| set | 1 << shard_of(id));
+        while shards != 0 {
+            let i = shards.trailing_zeros() as usize;
+            shards &= shards - 1;
             guards.push((i, self.shards[i].lock()));
         }
     }
@@ -1207,14 +1210,14 @@ impl Restore for MemoryLedger {
 impl Ledger for MemoryLedger {
     fn apply(&self, plan: &Plan<'_>, mode: Apply) -> Result<OpResults, LedgerError> {
         let now = plan.now;
-        let needs_leases = plan.lease.is_some()
-            || plan
-                .ops
-                .iter()
-                .any(|o| matches!(o.kind, OpKind::Lease { .. }));
+        // Slices, taken once: each access through a `SmallVec` checks where it is stored.
+        let ops: &[Op<'_>] = &plan.ops;
+        let needs_leases =
+            plan.lease.is_some() || ops.iter().any(|o| matches!(o.kind, OpKind::Lease { .. }));
         let mut lease_table = needs_leases.then(|| self.leases.lock());
         let mut guards = Guards::new();
-        self.lock_shards(plan.ops.iter().map(|o| o.key.id), &mut guards);
+        self.lock_shards(ops.iter().map(|o| o.key.id), &mut guards);
+        let locked: &mut [(usize, MutexGuard<'_, Shard>)] = &mut guards;
 
         // Find every counter (making the missing ones), and read each part of it an
         // operation will read, before evaluating any: the reads do not depend on each
@@ -1223,13 +1226,13 @@ impl Ledger for MemoryLedger {
         // Reading the whole counter, not only its key: `rule_costs` 10 rules ≈ 1.76 →
         // 1.54 µs a check. Each operation keeps where its counter is, so that evaluating
         // and committing it do not look it up again (one lookup where there were three).
-        let mut slots: SmallVec<[Slot; 8]> = SmallVec::with_capacity(plan.ops.len());
+        let mut slots: SmallVec<[Slot; 8]> = SmallVec::with_capacity(ops.len());
         let mut seeded: Vec<(u128, Vec<u128>)> = Vec::new();
         let mut made = false;
         let mut seen = 0i64;
-        for op in &plan.ops {
-            let at = guard_index(&guards, op.key.id);
-            let shard = &mut *guards[at].1;
+        for op in ops {
+            let at = guard_index(locked, op.key.id);
+            let shard = &mut *locked[at].1;
             let spend = spends(&op.kind);
             let bucket = if spend {
                 shard.spends.find(op.key.id).inspect(|&b| {
@@ -1271,8 +1274,8 @@ impl Ledger for MemoryLedger {
         std::hint::black_box(seen);
         if made {
             // Adding a counter may have moved its table's others: find them all again.
-            for (op, slot) in plan.ops.iter().zip(slots.iter_mut()) {
-                let shard = &guards[slot.guard].1;
+            for (op, slot) in ops.iter().zip(slots.iter_mut()) {
+                let shard = &locked[slot.guard].1;
                 slot.bucket = if slot.spend {
                     shard.spends.find(op.key.id)
                 } else {
@@ -1282,10 +1285,10 @@ impl Ledger for MemoryLedger {
             }
         }
 
-        let mut results = OpResults::with_capacity(plan.ops.len());
+        let mut results = OpResults::with_capacity(ops.len());
         let mut effects: SmallVec<[Effect; 8]> = SmallVec::new();
-        for (op, slot) in plan.ops.iter().zip(&slots) {
-            let shard = &mut *guards[slot.guard].1;
+        for (op, slot) in ops.iter().zip(&slots) {
+            let shard = &mut *locked[slot.guard].1;
             let (result, effect) = if slot.spend {
                 evaluate_spend(&mut shard.spends.at_mut(slot.bucket).spend, op, now)
             } else {
@@ -1309,8 +1312,7 @@ impl Ledger for MemoryLedger {
                 }
             }
         }
-        let blocked = plan
-            .ops
+        let blocked = ops
             .iter()
             .zip(&results)
             .any(|(op, r)| op.enforcing && !r.granted);
@@ -1324,9 +1326,9 @@ impl Ledger for MemoryLedger {
         let retain_until = now + 2 * plan.reservation_ttl_ms.max(60_000);
         let mut lease_keys = Vec::new();
         // Drained, not consumed: a consumed `SmallVec` is moved into its iterator.
-        let committed = plan.ops.iter().zip(&slots).zip(&results);
+        let committed = ops.iter().zip(&slots).zip(&results);
         for (((op, slot), result), effect) in committed.zip(effects.drain(..)) {
-            let shard = &mut *guards[slot.guard].1;
+            let shard = &mut *locked[slot.guard].1;
             shard.ops += 1;
             if slot.spend {
                 shard
@@ -1385,7 +1387,7 @@ impl Ledger for MemoryLedger {
         }
         // Only now: a sweep would move the counters that `slots` point at, and take the
         // ones made for this plan (fresh, so idle) before they commit.
-        for (_, shard) in guards.iter_mut() {
+        for (_, shard) in locked.iter_mut() {
             shard.maybe_sweep(now, self.sweep);
         }
         if let (Some(lease), Some(table)) = (&plan.lease, lease_table.as_mut()) {
