@@ -1,6 +1,7 @@
 //! The cost of each rule type on its own: one-rule policies over 100,000 users.
 //! `cargo run --release -p tollgate --example rule_costs` (set ONLY=<text> to pick rules,
-//! ITER=<n> checks a policy, USERS=<n> (default 100,000) distinct users, TICK_MS=<ms> to move the clock before each check so that
+//! ITER=<n> checks a policy, USERS=<n> to check that many users instead of 100,000,
+//! TICK_MS=<ms> to move the clock before each check so that
 //! reservations and decision records lapse as they would, PREAMBLE=<yaml> to prefix each
 //! policy document, e.g. `reservation_ttl: 1s`, THRASH_KB=<kb> to write that much memory
 //! before each timed check, as a server's sockets and HTTP code do between two checks, and
