@@ -1520,6 +1520,23 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_plan_locks_each_of_its_shards_once_in_index_order() {
+        let ledger = MemoryLedger::new();
+        // Ids in shards 5, 63, 0 and 5 again (a shard is the id's low bits).
+        let ids = [5u128, (1 << 64) | 63, 64, (2 << 64) | 5];
+        let mut guards = super::Guards::new();
+        ledger.lock_shards(ids.into_iter(), &mut guards);
+        let locked: Vec<usize> = guards.iter().map(|(i, _)| *i).collect();
+        assert_eq!(locked, [0, 5, 63]);
+        assert!(
+            ledger.shards[63].try_lock().is_none(),
+            "held until the guards go"
+        );
+        drop(guards);
+        assert!(ledger.shards[63].try_lock().is_some());
+    }
+
     /// An engine on a memory ledger and a manual clock at 1,000 s.
     fn engine_on(policy: &str) -> (Engine, Arc<ManualClock>, Arc<MemoryLedger>) {
         let clock = Arc::new(ManualClock::new(1_000_000));
