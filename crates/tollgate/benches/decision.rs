@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use dashmap::DashMap;
 use std::hint::black_box;
 use tollgate::{Engine, ManualClock};
@@ -95,6 +95,9 @@ fn bench(c: &mut Criterion) {
         (0..USERS as u64).map(|i| (i, AtomicU64::new(0))).collect();
 
     let mut g = c.benchmark_group("decision");
+    // One element an iteration: criterion also prints decisions (increments) a second,
+    // over both threads in the two-thread benches.
+    g.throughput(Throughput::Elements(1));
     let mut i = 0;
     g.bench_function("baseline-dashmap-increment", |b| {
         b.iter(|| {
