@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{ADMIN, Server, client, json_of, status_of, unique};
+use common::{ADMIN, Server, client, fresh_dir, json_of, status_of};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -354,12 +354,7 @@ async fn sigterm_finishes_the_request_in_flight_then_stops() {
 
 #[tokio::test]
 async fn shutdown_stops_waiting_for_a_request_after_the_drain_limit() {
-    let dir = std::env::temp_dir().join(format!(
-        "tollgate-drain-{}-{}",
-        std::process::id(),
-        unique()
-    ));
-    let mut server = Server::start_with(&dir, None, &[], &["--drain-secs", "0.5"]);
+    let mut server = Server::start_with(&fresh_dir("drain"), None, &[], &["--drain-secs", "0.5"]);
     // a check whose body never comes
     let stuck = check_in_flight(&server).await;
     sigterm(&server);
@@ -380,9 +375,12 @@ async fn shutdown_stops_waiting_for_a_request_after_the_drain_limit() {
 
 #[tokio::test]
 async fn a_client_slow_to_send_its_headers_is_disconnected() {
-    let dir =
-        std::env::temp_dir().join(format!("tollgate-slow-{}-{}", std::process::id(), unique()));
-    let server = Server::start_with(&dir, None, &[], &["--header-timeout-secs", "0.5"]);
+    let server = Server::start_with(
+        &fresh_dir("slow"),
+        None,
+        &[],
+        &["--header-timeout-secs", "0.5"],
+    );
     let mut slow = TcpStream::connect(address(&server)).await.unwrap();
     slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: tollg")
         .await

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{ADMIN, Server, client, unique};
+use common::{ADMIN, Server, client, fresh_dir, unique};
 use serde_json::{Value, json};
 use sqlx::Executor;
 
@@ -41,8 +41,7 @@ async fn drop_database(name: &str, admin: &sqlx::postgres::PgPool) {
 }
 
 fn start(db: &str) -> Server {
-    let dir = std::env::temp_dir().join(format!("tollgate-pg-{}-{}", std::process::id(), unique()));
-    Server::start_with(&dir, None, &[], &["--database", db])
+    Server::start_with(&fresh_dir("pg"), None, &[], &["--database", db])
 }
 
 /// How long another instance may take to follow a change here. DESIGN §6 promises a

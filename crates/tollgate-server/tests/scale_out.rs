@@ -7,7 +7,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{ADMIN, Server, client, status_of, unique};
+use common::{ADMIN, Server, client, fresh_dir, status_of, unique};
 use serde_json::{Value, json};
 use sqlx::Executor;
 
@@ -82,9 +82,12 @@ async fn two_instances_share_exact_limits_and_fail_closed_without_redis() {
     let redis_url = format!("redis://127.0.0.1:{port}");
 
     let start = || {
-        let dir =
-            std::env::temp_dir().join(format!("tollgate-so-{}-{}", std::process::id(), unique()));
-        Server::start_with(&dir, None, &[], &["--database", &db, "--redis", &redis_url])
+        Server::start_with(
+            &fresh_dir("so"),
+            None,
+            &[],
+            &["--database", &db, "--redis", &redis_url],
+        )
     };
     let (a, b) = (start(), start());
     let c = client();

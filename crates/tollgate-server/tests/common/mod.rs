@@ -17,8 +17,7 @@ pub struct Server {
 impl Server {
     /// Starts a server on a fresh data directory.
     pub fn start(config: Option<&str>, env: &[(&str, &str)]) -> Server {
-        let dir =
-            std::env::temp_dir().join(format!("tollgate-it-{}-{}", std::process::id(), unique()));
+        let dir = fresh_dir("it");
         std::fs::create_dir_all(&dir).unwrap();
         let config = config.map(|c| {
             let p = dir.join("policy.yaml");
@@ -94,6 +93,15 @@ impl Drop for Server {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A data directory no other server of this test run uses (not created yet).
+pub fn fresh_dir(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "tollgate-{tag}-{}-{}",
+        std::process::id(),
+        unique()
+    ))
 }
 
 pub fn unique() -> u64 {
