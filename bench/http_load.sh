@@ -19,6 +19,19 @@
 # time: the system part is mostly loopback TCP, including waking wrk for each response.
 # The last line gives the server's resident memory before and after the rounds: with
 # bench/policy-empty.yaml, what a check leaves behind apart from the ledger.
+#
+# wrk runs as SCHED_BATCH (WRK_SCHED=normal runs it as an ordinary thread). On 2 cores the
+# load generator and the server take turns on the same CPUs, and the trivial request is
+# built by the same Lua code so that the client's cost per request is the same for both
+# endpoints. Under the default policy it is not: when the server is the slower side, as
+# it is for checks, wrk runs out of work, sleeps, and is woken by the next response, about
+# every other check (0.49 sleeps per check against 0.03-0.05 per /healthz), and on waking
+# preempts the server worker that is running. wrk then spends 6.0 µs of CPU per check
+# against 5.1 per /healthz. A batch thread gets the same share of the CPU but does not
+# preempt anyone when it wakes, so it finds several responses waiting: 4.6-5.1 µs per
+# request for both endpoints. The server's own CPU per request is the same either way.
+# Each round prints the server's involuntary context switches per request ("preempted")
+# and wrk's own CPU time per request.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-2}"
@@ -31,6 +44,14 @@ if ! command -v wrk >/dev/null; then
   echo "installing wrk (Debian package)" >&2
   (apt-get install -y wrk || (apt-get update && apt-get install -y wrk)) >/dev/null
 fi
+case "${WRK_SCHED:-batch}" in
+  batch) wrk=(chrt --batch 0 wrk) ;;
+  normal) wrk=(wrk) ;;
+  *)
+    echo "WRK_SCHED is batch or normal, not \`$WRK_SCHED\`" >&2
+    exit 2
+    ;;
+esac
 cargo build --release --bin tollgate >/dev/null
 
 data="$(mktemp -d)"
@@ -50,21 +71,27 @@ sed -e 's|"POST", "/v1/check"|"GET", "/healthz"|' "$data/check.lua" >"$data/triv
 cpu_ticks() { awk '{print $14, $15}' "/proc/$pid/stat"; }
 ticks_per_sec="$(getconf CLK_TCK)"
 
+# The server's involuntary context switches so far, over all its threads.
+preemptions() { cat /proc/"$pid"/task/*/status 2>/dev/null | awk '/^nonvoluntary_ctxt_switches/ { n += $2 } END { print n + 0 }'; }
+
 # run <script> <seconds>: prints "<req/s> <requests> <server CPU µs per request>
-# <user µs> <system µs>".
+# <user µs> <system µs> <server involuntary context switches per request>
+# <wrk's CPU µs per request>".
 run() {
-  local before after out
+  local before after switches client TIMEFORMAT='%U %S'
   before="$(cpu_ticks)"
-  out="$(wrk -t2 -c"$conns" -d"$2s" -s "$1" "http://$addr")"
+  switches="$(preemptions)"
+  client="$({ time "${wrk[@]}" -t2 -c"$conns" -d"$2s" -s "$1" "http://$addr" >"$data/wrk.out"; } 2>&1)"
   after="$(cpu_ticks)"
-  awk -v b="$before" -v a="$after" -v t="$ticks_per_sec" '
+  switches="$(($(preemptions) - switches))"
+  awk -v b="$before" -v a="$after" -v t="$ticks_per_sec" -v c="$switches" -v w="$client" '
     /requests in/ { n = $1 }
     /Requests\/sec/ { r = $2 }
     END {
-      split(b, x, " "); split(a, y, " ")
+      split(b, x, " "); split(a, y, " "); split(w, z, " ")
       u = (y[1] - x[1]) / t / n * 1e6; s = (y[2] - x[2]) / t / n * 1e6
-      printf "%.0f %d %.1f %.1f %.1f\n", r, n, u + s, u, s
-    }' <<<"$out"
+      printf "%.0f %d %.1f %.1f %.1f %.2f %.1f\n", r, n, u + s, u, s, c / n, (z[1] + z[2]) / n * 1e6
+    }' "$data/wrk.out"
 }
 
 echo "warming up" >&2
@@ -82,17 +109,17 @@ ratios=()
 trivial_total=0
 check_total=0
 for round in $(seq "$rounds"); do
-  read -r trivial trivial_n trivial_cpu trivial_user trivial_sys < <(run "$data/trivial.lua" "$secs")
-  read -r check check_n check_cpu check_user check_sys < <(run "$data/check.lua" "$secs")
+  read -r trivial trivial_n trivial_cpu trivial_user trivial_sys trivial_cs trivial_wrk < <(run "$data/trivial.lua" "$secs")
+  read -r check check_n check_cpu check_user check_sys check_cs check_wrk < <(run "$data/check.lua" "$secs")
   trivial_total=$((trivial_total + trivial_n))
   check_total=$((check_total + check_n))
   ratio="$(awk -v a="$check" -v b="$trivial" 'BEGIN { printf "%.2f", a / b }')"
   ratios+=("$ratio")
-  printf 'round %d: GET /healthz %6d req/s (server %5.1f µs CPU/req: %4.1f user + %4.1f sys)   POST /v1/check %6d req/s (server %5.1f µs: %4.1f + %4.1f)   ratio %s\n' \
-    "$round" "$trivial" "$trivial_cpu" "$trivial_user" "$trivial_sys" "$check" "$check_cpu" "$check_user" "$check_sys" "$ratio"
+  printf 'round %d: GET /healthz %6d req/s (server %4.1f µs CPU/req: %3.1f user + %3.1f sys, %.2f preempted; wrk %3.1f µs)   POST /v1/check %6d req/s (server %4.1f µs: %3.1f + %3.1f, %.2f; wrk %3.1f)   ratio %s\n' \
+    "$round" "$trivial" "$trivial_cpu" "$trivial_user" "$trivial_sys" "$trivial_cs" "$trivial_wrk" "$check" "$check_cpu" "$check_user" "$check_sys" "$check_cs" "$check_wrk" "$ratio"
 done
 echo
-echo "POST /v1/check: $policy, 100,000 users, $conns connections, ${secs}s per endpoint and round"
+echo "POST /v1/check: $policy, 100,000 users, $conns connections, ${secs}s per endpoint and round, wrk ${WRK_SCHED:-batch}"
 median="$(printf '%s\n' "${ratios[@]}" | sort -n | awk '{ v[NR] = $1 } END { printf "%.2f", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }')"
 echo "ratio check / trivial: median $median of $rounds rounds (${ratios[*]})"
 awk -v a="$check_total" -v b="$trivial_total" 'BEGIN { printf "ratio of the totals: %.2f (%d checks, %d trivial requests)\n", a / b, a, b }'
