@@ -17,6 +17,8 @@
 # the ratio of the totals beside it. Each line also gives the server's own CPU time per
 # request (from /proc), the part of the cost a change to the server moves, as user + system
 # time: the system part is mostly loopback TCP, including waking wrk for each response.
+# After the ratios comes the server's CPU per request over all rounds, and their ratio:
+# what the server would give alone, with its clients on other machines.
 # The last line gives the server's resident memory before and after the rounds: with
 # bench/policy-empty.yaml, what a check leaves behind apart from the ledger.
 #
@@ -108,11 +110,15 @@ rss_start="$(rss_kb)"
 ratios=()
 trivial_total=0
 check_total=0
+trivial_cpu_total=0
+check_cpu_total=0
 for round in $(seq "$rounds"); do
   read -r trivial trivial_n trivial_cpu trivial_user trivial_sys trivial_cs trivial_wrk < <(run "$data/trivial.lua" "$secs")
   read -r check check_n check_cpu check_user check_sys check_cs check_wrk < <(run "$data/check.lua" "$secs")
   trivial_total=$((trivial_total + trivial_n))
   check_total=$((check_total + check_n))
+  trivial_cpu_total="$(awk -v t="$trivial_cpu_total" -v c="$trivial_cpu" -v n="$trivial_n" 'BEGIN { print t + c * n }')"
+  check_cpu_total="$(awk -v t="$check_cpu_total" -v c="$check_cpu" -v n="$check_n" 'BEGIN { print t + c * n }')"
   ratio="$(awk -v a="$check" -v b="$trivial" 'BEGIN { printf "%.2f", a / b }')"
   ratios+=("$ratio")
   printf 'round %d: GET /healthz %6d req/s (server %4.1f µs CPU/req: %3.1f user + %3.1f sys, %.2f preempted; wrk %3.1f µs)   POST /v1/check %6d req/s (server %4.1f µs: %3.1f + %3.1f, %.2f; wrk %3.1f)   ratio %s\n' \
@@ -123,6 +129,11 @@ echo "POST /v1/check: $policy, 100,000 users, $conns connections, ${secs}s per e
 median="$(printf '%s\n' "${ratios[@]}" | sort -n | awk '{ v[NR] = $1 } END { printf "%.2f", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }')"
 echo "ratio check / trivial: median $median of $rounds rounds (${ratios[*]})"
 awk -v a="$check_total" -v b="$trivial_total" 'BEGIN { printf "ratio of the totals: %.2f (%d checks, %d trivial requests)\n", a / b, a, b }'
+# What the server alone would give if nothing shared its cores: the ratio of its own CPU
+# time per request, which does not depend on how wrk is scheduled.
+awk -v tc="$trivial_cpu_total" -v tn="$trivial_total" -v cc="$check_cpu_total" -v cn="$check_total" 'BEGIN {
+  printf "server CPU per request: /healthz %.1f µs, check %.1f µs (ratio %.2f)\n", tc / tn, cc / cn, (tc / tn) / (cc / cn)
+}'
 awk -v a="$rss_start" -v b="$(rss_kb)" -v n="$((check_total + trivial_total))" 'BEGIN {
   printf "server RSS: %.1f MB after the warm-up, %.1f MB after the rounds (%+.1f bytes per request)\n", a / 1024, b / 1024, (b - a) * 1024 / n
 }'
