@@ -30,8 +30,9 @@
 # every other check (0.49 sleeps per check against 0.03-0.05 per /healthz), and on waking
 # preempts the server worker that is running. wrk then spends 6.0 µs of CPU per check
 # against 5.1 per /healthz. A batch thread gets the same share of the CPU but does not
-# preempt anyone when it wakes, so it finds several responses waiting: 4.6-5.1 µs per
-# request for both endpoints. The server's own CPU per request is the same either way.
+# preempt anyone when it wakes, so it finds several responses waiting: 4.6-5.4 µs per
+# request for both endpoints. The server's own CPU per request is about the same either
+# way (see docs/ARCHITECTURE.md, nineteenth session).
 # Each round prints the server's involuntary context switches per request ("preempted")
 # and wrk's own CPU time per request.
 set -euo pipefail
