@@ -48,7 +48,10 @@ if ! command -v wrk >/dev/null; then
   (apt-get install -y wrk || (apt-get update && apt-get install -y wrk)) >/dev/null
 fi
 case "${WRK_SCHED:-batch}" in
-  batch) wrk=(chrt --batch 0 wrk) ;;
+  batch)
+    command -v chrt >/dev/null || { echo "chrt (util-linux) is missing: install it, or set WRK_SCHED=normal" >&2; exit 2; }
+    wrk=(chrt --batch 0 wrk)
+    ;;
   normal) wrk=(wrk) ;;
   *)
     echo "WRK_SCHED is batch or normal, not \`$WRK_SCHED\`" >&2
