@@ -17,8 +17,8 @@
 # the ratio of the totals beside it. Each line also gives the server's own CPU time per
 # request (from /proc), the part of the cost a change to the server moves, as user + system
 # time: the system part is mostly loopback TCP, including waking wrk for each response.
-# After the ratios comes the server's CPU per request over all rounds, and their ratio:
-# what the server would give alone, with its clients on other machines.
+# After the ratios comes the server's CPU per request over all rounds, and their ratio,
+# which leaves wrk's CPU out (see docs/ARCHITECTURE.md for what it does not leave out).
 # The last line gives the server's resident memory before and after the rounds: with
 # bench/policy-empty.yaml, what a check leaves behind apart from the ledger.
 #
@@ -133,8 +133,7 @@ echo "POST /v1/check: $policy, 100,000 users, $conns connections, ${secs}s per e
 median="$(printf '%s\n' "${ratios[@]}" | sort -n | awk '{ v[NR] = $1 } END { printf "%.2f", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }')"
 echo "ratio check / trivial: median $median of $rounds rounds (${ratios[*]})"
 awk -v a="$check_total" -v b="$trivial_total" 'BEGIN { printf "ratio of the totals: %.2f (%d checks, %d trivial requests)\n", a / b, a, b }'
-# What the server alone would give if nothing shared its cores: the ratio of its own CPU
-# time per request, which does not depend on how wrk is scheduled.
+# The ratio of the server's own CPU time per request, without wrk's.
 awk -v tc="$trivial_cpu_total" -v tn="$trivial_total" -v cc="$check_cpu_total" -v cn="$check_total" 'BEGIN {
   printf "server CPU per request: /healthz %.1f µs, check %.1f µs (ratio %.2f)\n", tc / tn, cc / cn, (tc / tn) / (cc / cn)
 }'
