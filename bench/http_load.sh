@@ -47,14 +47,15 @@ if ! command -v wrk >/dev/null; then
   echo "installing wrk (Debian package)" >&2
   (apt-get install -y wrk || (apt-get update && apt-get install -y wrk)) >/dev/null
 fi
-case "${WRK_SCHED:-batch}" in
+sched="${WRK_SCHED:-batch}"
+case "$sched" in
   batch)
     command -v chrt >/dev/null || { echo "chrt (util-linux) is missing: install it, or set WRK_SCHED=normal" >&2; exit 2; }
     wrk=(chrt --batch 0 wrk)
     ;;
   normal) wrk=(wrk) ;;
   *)
-    echo "WRK_SCHED is batch or normal, not \`$WRK_SCHED\`" >&2
+    echo "WRK_SCHED is batch or normal, not \`$sched\`" >&2
     exit 2
     ;;
 esac
@@ -80,7 +81,7 @@ ticks_per_sec="$(getconf CLK_TCK)"
 # The server's involuntary context switches so far, over all its threads.
 preemptions() { cat /proc/"$pid"/task/*/status 2>/dev/null | awk '/^nonvoluntary_ctxt_switches/ { n += $2 } END { print n + 0 }'; }
 
-# run <script> <seconds>: prints "<req/s> <requests> <server CPU µs per request>
+# run <script> <seconds>: prints "<req/s> <requests> <server CPU µs per request, unrounded>
 # <user µs> <system µs> <server involuntary context switches per request>
 # <wrk's CPU µs per request>".
 run() {
@@ -96,7 +97,7 @@ run() {
     END {
       split(b, x, " "); split(a, y, " "); split(w, z, " ")
       u = (y[1] - x[1]) / t / n * 1e6; s = (y[2] - x[2]) / t / n * 1e6
-      printf "%.0f %d %.1f %.1f %.1f %.2f %.1f\n", r, n, u + s, u, s, c / n, (z[1] + z[2]) / n * 1e6
+      printf "%.0f %d %.4f %.4f %.4f %.2f %.1f\n", r, n, u + s, u, s, c / n, (z[1] + z[2]) / n * 1e6
     }' "$data/wrk.out"
 }
 
@@ -129,7 +130,7 @@ for round in $(seq "$rounds"); do
     "$round" "$trivial" "$trivial_cpu" "$trivial_user" "$trivial_sys" "$trivial_cs" "$trivial_wrk" "$check" "$check_cpu" "$check_user" "$check_sys" "$check_cs" "$check_wrk" "$ratio"
 done
 echo
-echo "POST /v1/check: $policy, 100,000 users, $conns connections, ${secs}s per endpoint and round, wrk ${WRK_SCHED:-batch}"
+echo "POST /v1/check: $policy, 100,000 users, $conns connections, ${secs}s per endpoint and round, wrk $sched"
 median="$(printf '%s\n' "${ratios[@]}" | sort -n | awk '{ v[NR] = $1 } END { printf "%.2f", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }')"
 echo "ratio check / trivial: median $median of $rounds rounds (${ratios[*]})"
 awk -v a="$check_total" -v b="$trivial_total" 'BEGIN { printf "ratio of the totals: %.2f (%d checks, %d trivial requests)\n", a / b, a, b }'
